@@ -1,0 +1,1 @@
+"""Serving integrations (embedded speculative server, SGLang). Installed as ``draftdistill.serving``."""
