@@ -31,7 +31,7 @@ def check_tokenizers_match(target_tokenizer, drafter_tokenizer, names=("target",
         va, vb = getattr(target_tokenizer, attr, None), getattr(drafter_tokenizer, attr, None)
         if va != vb:
             raise TokenizerMismatchError(
-                f"special token {attr.removesuffix('_id')} differs: {names[0]} id {va}, {names[1]} id {vb}"
+                f"special token {attr.removesuffix('_token_id')} differs: {names[0]} id {va}, {names[1]} id {vb}"
             )
     sa, sb = sorted(target_tokenizer.all_special_ids), sorted(drafter_tokenizer.all_special_ids)
     if sa != sb:

@@ -1,0 +1,166 @@
+"""The ``draftdistill`` command line."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+DEFAULT_TARGET = "smollm2-135m-instruct"
+USER_ERRORS = (FileNotFoundError, ValueError, TypeError)  # PromptFileError, TokenizerMismatchError are ValueErrors
+
+
+def fail_clearly(fn):
+    """Turn user-input errors into one clear line instead of a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            raise click.ClickException(f"{type(e).__name__}: {e}") from e
+
+    return wrapper
+
+
+def setup(target_spec: str, prompts: str, num_prompts: int, device: str | None):
+    """Load the target, its tokenizer and encoded prompts (prompts first: a bad file fails fast)."""
+    from draftdistill.data import encode_prompt, load_prompts, stop_token_ids
+    from draftdistill.models import default_device, load_target
+
+    prompt_list = load_prompts(prompts, limit=num_prompts)
+    device = device or default_device()
+    target, tokenizer = load_target(target_spec, device=device)
+    ids = [encode_prompt(tokenizer, p).to(device) for p in prompt_list]
+    return target, tokenizer, ids, stop_token_ids(tokenizer, target), device
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def fmt(value, spec=".3f") -> str:
+    """A number for humans; positions never reached have no acceptance rate (None)."""
+    return "n/a" if value is None else format(value, spec)
+
+
+target_option = click.option("--target", default=DEFAULT_TARGET, show_default=True,
+                             help="Target model: builtin name, HF directory, .gguf file or .safetensors checkpoint.")
+prompts_option = click.option("--prompts", default="gsm8k:heldout", show_default=True,
+                              help="Prompt source: bundled 'gsm8k[:train|:heldout]' or a .jsonl/.json/.txt file.")
+num_prompts_option = click.option("--num-prompts", default=20, show_default=True, help="Use the first N prompts.")
+max_new_option = click.option("--max-new-tokens", default=64, show_default=True, help="Tokens generated per prompt.")
+gamma_option = click.option("--gamma", default=4, show_default=True, help="Draft tokens proposed per target forward.")
+seed_option = click.option("--seed", default=0, show_default=True, help="Sampling seed (prompt i uses seed + i).")
+device_option = click.option("--device", default=None, help="cpu or cuda[:N]; default: cuda if available, else cpu.")
+
+
+@click.group()
+@click.version_option(package_name="draftdistill")
+def main():
+    """Train speculative-decoding drafters and LLM students by on-policy distillation."""
+
+
+@main.command("eval")
+@target_option
+@click.option("--drafter", required=True,
+              help="Drafter: 'pruned:K' (first K target layers), 'small:layers=2,hidden=256,...', or a path.")
+@prompts_option
+@num_prompts_option
+@max_new_option
+@gamma_option
+@click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling threshold, applied to both models.")
+@seed_option
+@device_option
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Also decode with the target alone to measure the speedup.")
+@click.option("--json", "json_out", default=None, help="Write the full report to this JSON file.")
+@click.option("--plot", default=None, help="Write a PNG of alpha per draft position here.")
+@fail_clearly
+def eval_command(target, drafter, prompts, num_prompts, max_new_tokens, gamma, temperature, top_p, seed, device,
+                 baseline, json_out, plot):
+    """Measure a drafter on the lossless speculative decoder: alpha per position, tau, tokens/s, speedup."""
+    from draftdistill.eval import evaluate_drafter, plot_alpha_per_position
+    from draftdistill.eval.machine import machine_info
+    from draftdistill.models import load_drafter
+    from draftdistill.spec import SamplingConfig
+
+    target_model, tokenizer, ids, eos, device = setup(target, prompts, num_prompts, device)
+    drafter_model = load_drafter(drafter, target_model, tokenizer)
+    report = evaluate_drafter(target_model, drafter_model, ids, gamma=gamma,
+                              sampling=SamplingConfig(temperature=temperature, top_p=top_p),
+                              max_new_tokens=max_new_tokens, eos_token_id=eos, seed=seed, baseline=baseline)
+    report.update(target=target, drafter=drafter, prompts=prompts, command=" ".join(sys.argv),
+                  machine=machine_info(device))
+    spec = report["speculative"]
+    click.echo(f"drafter {drafter} on {target}: {len(ids)} prompts, gamma {gamma}, T={temperature}")
+    click.echo("alpha per position: " + "  ".join(fmt(a) for a in spec["alpha_per_position"]))
+    click.echo(f"alpha {spec['alpha']:.3f}   tau {spec['tau']:.3f} tokens/target call   "
+               f"{spec['tokens_per_second']:.1f} tokens/s")
+    if baseline:
+        click.echo(f"target-only {report['target_only']['tokens_per_second']:.1f} tokens/s   "
+                   f"speedup {report['speedup']:.2f}x")
+    if json_out:
+        write_json(json_out, report)
+        click.echo(f"wrote {json_out}")
+    if plot:
+        plot_alpha_per_position({drafter: spec["alpha_per_position"]}, plot,
+                                title=f"{target}, gamma {gamma}, T={temperature}")
+        click.echo(f"wrote {plot}")
+
+
+@main.group()
+def bench():
+    """Benchmarks that write benchmarks/results/*.json with command, machine, date and numbers."""
+
+
+@bench.command("spec")
+@target_option
+@click.option("--drafters", default="pruned:1,pruned:2,pruned:4", show_default=True,
+              help="Comma-separated drafter specs to compare.")
+@click.option("--temperatures", default="0,1", show_default=True, help="Comma-separated temperatures.")
+@prompts_option
+@num_prompts_option
+@max_new_option
+@gamma_option
+@seed_option
+@device_option
+@click.option("--out", default="benchmarks/results/spec_decoder.json", show_default=True, help="Result JSON.")
+@click.option("--plot", default="benchmarks/results/spec_decoder_alpha.png", show_default=True,
+              help="PNG of alpha per position for every drafter and temperature.")
+@fail_clearly
+def bench_spec(target, drafters, temperatures, prompts, num_prompts, max_new_tokens, gamma, seed, device, out, plot):
+    """Our lossless decoder vs HF assisted generation (same drafter, same run) vs target-only decoding."""
+    from draftdistill.eval import plot_alpha_per_position
+    from draftdistill.eval.bench_spec import run_spec_benchmark
+    from draftdistill.eval.machine import machine_info
+    from draftdistill.models import load_drafter
+
+    target_model, tokenizer, ids, eos, device = setup(target, prompts, num_prompts, device)
+    drafter_models = {spec: load_drafter(spec, target_model, tokenizer) for spec in drafters.split(",")}
+    temps = [float(t) for t in temperatures.split(",")]
+    rows = run_spec_benchmark(target_model, drafter_models, ids, temperatures=temps, gamma=gamma,
+                              max_new_tokens=max_new_tokens, eos_token_id=eos, seed=seed)
+    write_json(out, {"name": "spec_decoder", "command": "draftdistill " + " ".join(sys.argv[1:]),
+                     "machine": machine_info(device), "target": target, "prompts": prompts,
+                     "num_prompts": len(ids), "max_new_tokens": max_new_tokens, "rows": rows})
+    plot_alpha_per_position({f"{r['drafter']} T={r['temperature']:g}": r["ours"]["alpha_per_position"] for r in rows},
+                            plot, title=f"{target}, gamma {gamma}")
+    click.echo(f"{'drafter':<10} {'T':>3} {'tau':>6} {'hf tau':>7} {'tok/s':>7} {'hf tok/s':>9} "
+               f"{'target tok/s':>13} {'speedup':>8}")
+    for r in rows:
+        click.echo(f"{r['drafter']:<10} {r['temperature']:>3g} {r['ours']['tau']:>6.2f} {r['hf_assisted']['tau']:>7.2f} "
+                   f"{r['ours']['tokens_per_second']:>7.1f} {r['hf_assisted']['tokens_per_second']:>9.1f} "
+                   f"{r['ours_target_only']['tokens_per_second']:>13.1f} {r['speedup_vs_our_target_only']:>7.2f}x")
+    click.echo(f"wrote {out} and {plot}")
+
+
+if __name__ == "__main__":
+    main()

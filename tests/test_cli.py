@@ -1,0 +1,65 @@
+import json
+
+from click.testing import CliRunner
+
+from draftdistill.cli import main
+from tiny import save_model_dir
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def write_prompts(path, n=3):
+    path.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_eval_reports_alpha_tau_and_writes_json_and_png(tmp_path):
+    target = save_model_dir(tmp_path / "target", layers=2, seed=0)
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    out, png = tmp_path / "r.json", tmp_path / "a.png"
+    result = run("eval", "--target", str(target), "--drafter", "pruned:1", "--prompts", str(prompts),
+                 "--max-new-tokens", "12", "--gamma", "3", "--json", str(out), "--plot", str(png))
+    assert result.exit_code == 0, result.output
+    assert "alpha per position" in result.output and "speedup" in result.output
+    report = json.loads(out.read_text())
+    spec = report["speculative"]
+    assert report["num_prompts"] == 3 and len(spec["alpha_per_position"]) == 3
+    assert all(0.0 <= a <= 1.0 for a in spec["alpha_per_position"])
+    assert 1.0 <= spec["tau"] <= 4.0
+    assert report["target_only"]["new_tokens"] == spec["new_tokens"]  # greedy: same lengths
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_with_target_as_drafter_accepts_everything(tmp_path):
+    target = save_model_dir(tmp_path / "target", layers=2, seed=0)
+    prompts = write_prompts(tmp_path / "p.jsonl", n=2)
+    out = tmp_path / "r.json"
+    result = run("eval", "--target", str(target), "--drafter", str(target), "--prompts", str(prompts),
+                 "--max-new-tokens", "9", "--gamma", "2", "--json", str(out), "--no-baseline")
+    assert result.exit_code == 0, result.output
+    spec = json.loads(out.read_text())["speculative"]
+    assert spec["alpha_per_position"] == [1.0, 1.0] and spec["tau"] == 3.0
+
+
+def test_malformed_prompt_file_is_a_clear_error(tmp_path):
+    target = save_model_dir(tmp_path / "target")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "w1"}\n{"prompt": \n')
+    result = CliRunner().invoke(main, ["eval", "--target", str(target), "--drafter", "pruned:1",
+                                       "--prompts", str(bad)])
+    assert result.exit_code != 0
+    assert f"{bad}:2: invalid JSON" in result.output and "Traceback" not in result.output
+
+
+def test_missing_target_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(main, ["eval", "--target", str(tmp_path / "nope"), "--drafter", "pruned:1",
+                                       "--prompts", str(write_prompts(tmp_path / "p.jsonl"))])
+    assert result.exit_code != 0 and "nope" in result.output and "not found" in result.output
+
+
+def test_help_explains_every_option():
+    result = run("eval", "--help")
+    for option in ("--target", "--drafter", "--prompts", "--gamma", "--temperature", "--top-p", "--json", "--plot"):
+        assert option in result.output
