@@ -32,3 +32,14 @@ def test_greedy_speculative_equals_target_greedy_on_smollm2(smollm2):
                                          eos_token_id=eos)
     assert tokens.tolist() == expected.tolist()
     assert stats.target_calls < len(expected)  # the pruned drafter gets some tokens accepted
+
+
+def test_gguf_file_loads_directly_and_matches_the_converted_copy(smollm2):
+    from draftdistill.models.builtin import builtin_gguf_path
+
+    converted, _ = smollm2
+    gguf_model, tok = load_target(str(builtin_gguf_path("smollm2-135m-instruct")), device="cpu")
+    ids = torch.tensor([[1, 520, 9531, 198, 1780]])
+    with torch.inference_mode():
+        torch.testing.assert_close(gguf_model(ids).logits, converted(ids).logits)
+    assert tok.eos_token == "<|im_end|>"

@@ -26,7 +26,8 @@ def hf_generate_all(target, prompt_ids: list[torch.Tensor], *, drafter=None, gam
                     sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 64,
                     eos_token_id=None, seed: int = 0, progress: bool = True) -> dict:
     """HF ``generate`` over every prompt, assisted by ``drafter`` when given; tokens, calls, tokens/s."""
-    kwargs = {"max_new_tokens": max_new_tokens, "eos_token_id": eos_token_id, "pad_token_id": eos_token_id}
+    first_eos = eos_token_id[0] if isinstance(eos_token_id, (list, tuple)) else eos_token_id
+    kwargs = {"max_new_tokens": max_new_tokens, "eos_token_id": eos_token_id, "pad_token_id": first_eos}
     if sampling.temperature > 0:
         kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
     else:
