@@ -50,6 +50,32 @@ def fmt(value, spec=".3f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def load_config(ctx: click.Context, _param, path: str | None):
+    """``--config FILE.yaml``: its keys become the command's defaults; explicit options override them."""
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise click.BadParameter(f"{path}: {e}") from None
+    if not isinstance(values, dict):
+        raise click.BadParameter(f"{path}: expected a mapping of option names to values")
+    # A key is an option's long name (``max_new_tokens`` or ``max-new-tokens``, ``json``).
+    param_of = {opt.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params for opt in p.opts}
+    keys = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(keys) - set(param_of))
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown keys {unknown}")
+    ctx.default_map = {**(ctx.default_map or {}), **{param_of[k]: v for k, v in keys.items()}}
+    return path
+
+
+config_option = click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=load_config,
+                             is_eager=True, expose_value=False,
+                             help="YAML file of option values (e.g. configs/eval-pruned2.yaml); "
+                                  "options given on the command line override it.")
 target_option = click.option("--target", default=DEFAULT_TARGET, show_default=True,
                              help="Target model: builtin name, HF directory, .gguf file or .safetensors checkpoint.")
 prompts_option = click.option("--prompts", default="gsm8k:heldout", show_default=True,
@@ -68,6 +94,7 @@ def main():
 
 
 @main.command("eval")
+@config_option
 @target_option
 @click.option("--drafter", required=True,
               help="Drafter: 'pruned:K' (first K target layers), 'small:layers=2,hidden=256,...', or a path.")
@@ -122,6 +149,7 @@ def bench():
 
 
 @bench.command("spec")
+@config_option
 @target_option
 @click.option("--drafters", default="pruned:1,pruned:2,pruned:4", show_default=True,
               help="Comma-separated drafter specs to compare.")

@@ -63,3 +63,22 @@ def test_help_explains_every_option():
     result = run("eval", "--help")
     for option in ("--target", "--drafter", "--prompts", "--gamma", "--temperature", "--top-p", "--json", "--plot"):
         assert option in result.output
+
+
+def test_config_file_sets_defaults_and_command_line_overrides(tmp_path):
+    target = save_model_dir(tmp_path / "target", layers=2, seed=0)
+    out = tmp_path / "r.json"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"target: {target}\ndrafter: pruned:1\nprompts: {write_prompts(tmp_path / 'p.jsonl', n=2)}\n"
+                      f"max_new_tokens: 8\ngamma: 2\njson: {out}\nbaseline: false\n")
+    result = run("eval", "--config", str(config), "--gamma", "3")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["gamma"] == 3 and report["max_new_tokens"] == 8 and "target_only" not in report
+
+
+def test_config_with_unknown_key_is_refused(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("drafter: pruned:1\ngama: 3\n")
+    result = CliRunner().invoke(main, ["eval", "--config", str(config)])
+    assert result.exit_code != 0 and "unknown keys ['gama']" in result.output
