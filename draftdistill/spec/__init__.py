@@ -1,8 +1,22 @@
-"""Lossless speculative decoding: chain drafting, exact rejection sampling, KV rollback, metrics."""
+"""Lossless speculative decoding: propose with a drafter, verify with exact rejection sampling.
+
+    from draftdistill.spec import SamplingConfig, speculative_generate, target_generate
+    tokens, stats = speculative_generate(target, drafter, input_ids, 128, gamma=4,
+                                         sampling=SamplingConfig(temperature=0.7, top_p=0.9))
+    stats.alpha_per_position, stats.tau, stats.tokens_per_second
+"""
 from .decoder import speculative_generate, target_generate
 from .metrics import SpecStats
 from .sampling import SamplingConfig, logits_to_probs, sample_token, top_p_filter
 from .verify import verify
 
-__all__ = ["speculative_generate", "target_generate", "SpecStats", "SamplingConfig", "logits_to_probs",
-           "sample_token", "top_p_filter", "verify"]
+__all__ = [
+    "SamplingConfig",
+    "SpecStats",
+    "logits_to_probs",
+    "sample_token",
+    "speculative_generate",
+    "target_generate",
+    "top_p_filter",
+    "verify",
+]

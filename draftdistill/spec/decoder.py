@@ -1,147 +1,167 @@
-"""The lossless speculative decoding loop (batch size 1) with KV caches for both models.
+"""Lossless speculative decoding with two KV caches, plus the plain autoregressive baseline.
 
 One round:
-  1. the drafter proposes g tokens, sampling each from its processed distribution q;
-  2. the target scores [pending tokens + g drafts] in ONE forward, giving p at every draft position
-     and one past the last (there is no separate target prefill: round one's pending tokens are the
-     prompt), so tau = new tokens / target forwards;
-  3. `verify` accepts a prefix of the drafts and emits one more token (correction or bonus);
-  4. both caches are cropped back to the committed context.
+  1. draft:  the drafter eats the tokens it has not seen yet, then proposes g tokens one at a time
+             (each sampled from q = logits_to_probs(drafter logits)).
+  2. score:  ONE target forward over [tokens it has not seen + g drafts] gives p_0..p_g.
+  3. verify: exact rejection sampling keeps n drafts and appends one target-sampled token.
+  4. commit: append the n drafts + next token; crop both caches back to the committed prefix.
 
-Cache bookkeeping. `committed` is the sequence of prompt + emitted tokens. The target's cache
-holds committed[:-1] after every round: the newest token is fed at the start of the next round.
-The drafter's cache is cropped to the same committed context; it has seen drafts d1..d_{g-1} but
-never d_g, so when all g drafts are accepted it is fed [d_g, next] next round, else [next].
+Cache bookkeeping. `seq` is the committed sequence (prompt + emitted tokens); each cache holds the
+keys/values of a prefix of the tokens that model has been fed. Invariant at the start of a round:
+both caches hold only committed tokens, and the target's holds all of `seq` but the last token
+(none at all in the first round: there is no separate target prefill). So each model is simply fed
+seq[cache_len:] (+ drafts). After verify, everything up to and including the n accepted drafts is
+committed, i.e. len(seq) - 1 tokens once the next token is appended:
+  - target: it processed seq_old + d_1..d_g  -> crop to len(seq) - 1.
+  - drafter: it processed seq_old + d_1..d_{g-1} -> crop to len(seq) - 1 if it holds more; when all g
+    drafts were accepted it never saw d_g, so it is one short and is fed [d_g, next] next round.
+Hence tau = new_tokens / target_calls exactly.
 """
 from __future__ import annotations
 
 import time
 
 import torch
+from transformers import DynamicCache
 
 from .metrics import SpecStats
 from .sampling import SamplingConfig, logits_to_probs, sample_token
 from .verify import verify
 
 
-def eos_set(eos_token_id) -> set[int]:
+def _new_cache(model) -> DynamicCache:
+    cache = DynamicCache(config=getattr(model, "config", None))
+    # Sliding-window layers drop old states on update unless told to keep them until the next crop.
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()
+    return cache
+
+
+def _forward(model, cache: DynamicCache, tokens: list[int], device, num_logits: int) -> torch.Tensor:
+    """Feed `tokens` after what `cache` holds (the cache grows in place); return the last num_logits logits [n, V]."""
+    ids = torch.tensor([tokens], dtype=torch.long, device=device)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=num_logits)
+    return out.logits[0, -num_logits:]
+
+
+def _rollback(cache: DynamicCache, keep: int) -> None:
+    """Drop cached positions beyond the first `keep` (no-op if the cache is not longer)."""
+    extra = cache.get_seq_length() - keep
+    if extra > 0:
+        cache.crop(-extra)  # negative = number of tokens to remove (transformers >= 4.56 and 5.x)
+
+
+def _eos_set(eos_token_id: int | list[int] | None) -> set[int]:
     if eos_token_id is None:
         return set()
-    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
+    if isinstance(eos_token_id, int):
+        return {eos_token_id}
+    return {int(t) for t in eos_token_id}
 
 
-def forward(model, tokens: list[int], cache, device) -> tuple[torch.Tensor, object]:
-    """Run ``model`` on new ``tokens`` after ``cache``; return logits [len(tokens), V] and the cache."""
-    out = model(input_ids=torch.tensor([tokens], device=device), past_key_values=cache, use_cache=True)
-    return out.logits[0], out.past_key_values
-
-
-def crop_to(cache, length: int) -> None:
-    """Keep the first ``length`` positions. A negative count (remove that many) is the one form
-    ``DynamicCache.crop`` accepts in both transformers 4.x and 5.x."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
-
-
-def truncate_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[: i + 1]
-    return tokens
+def _check_input(input_ids: torch.Tensor) -> list[int]:
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [1, P] with P >= 1, got {tuple(input_ids.shape)}")
+    return input_ids[0].tolist()
 
 
 @torch.inference_mode()
-def speculative_generate(target, drafter, input_ids: torch.Tensor, max_new_tokens: int, gamma: int = 4,
-                         sampling: SamplingConfig = SamplingConfig(), eos_token_id=None,
-                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, SpecStats]:
-    """Generate up to ``max_new_tokens`` tokens distributed exactly as the target's sampling would."""
-    from transformers import DynamicCache
+def speculative_generate(
+    target,
+    drafter,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    gamma: int = 4,
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_token_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, SpecStats]:
+    """Sample up to max_new_tokens from `target`, proposing with `drafter`; returns (new_tokens [n], stats).
 
-    assert input_ids.shape[0] == 1, "batch size 1"
-    assert gamma >= 1
+    The output has exactly the target's distribution under `sampling` (identical tokens when greedy).
+    Generation stops after max_new_tokens or right after an eos token.
+    """
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
     device = input_ids.device
-    eos = eos_set(eos_token_id)
+    eos = _eos_set(eos_token_id)
+    seq = _check_input(input_ids)  # committed tokens: prompt + emitted
+    prompt_len = len(seq)
+    target_cache, drafter_cache = _new_cache(target), _new_cache(drafter)
     stats = SpecStats.empty(gamma)
-    started = time.perf_counter()
+    start = time.perf_counter()
 
-    prompt = input_ids[0].tolist()
-    emitted: list[int] = []
-    target_cache, drafter_cache = DynamicCache(), DynamicCache()
-    target_pending = list(prompt)  # tokens the target has not processed yet
-    drafter_pending = list(prompt)  # tokens the drafter has not processed yet
+    while len(seq) - prompt_len < max_new_tokens:
+        # A round emits at most g + 1 tokens: shrink g near the budget so no draft is wasted.
+        g = min(gamma, max_new_tokens - (len(seq) - prompt_len) - 1)
 
-    while len(emitted) < max_new_tokens:
-        # Never draft past the budget: the last round emits at most g drafts + 1 token.
-        g = min(gamma, max_new_tokens - len(emitted) - 1)
-        if g == 0:
-            # One token left: a plain target step is cheaper than drafting nothing.
-            logits, target_cache = forward(target, target_pending, target_cache, device)
-            stats.target_calls += 1
-            emitted.append(sample_token(logits_to_probs(logits[-1], sampling), generator))
-            break
-
-        # 1. Draft g tokens.
+        # 1. Draft g tokens (fewer if the drafter proposes eos: nothing after it could be kept).
         drafts, draft_probs = [], []
-        feed = drafter_pending
+        feed = seq[drafter_cache.get_seq_length():]
         for _ in range(g):
-            logits, drafter_cache = forward(drafter, feed, drafter_cache, device)
+            q = logits_to_probs(_forward(drafter, drafter_cache, feed, device, 1)[-1], sampling)
             stats.drafter_calls += 1
-            q = logits_to_probs(logits[-1], sampling)
             token = sample_token(q, generator)
             drafts.append(token)
             draft_probs.append(q)
+            if token in eos:
+                break
             feed = [token]
 
-        # 2. Score pending context + all drafts in one target forward.
-        logits, target_cache = forward(target, target_pending + drafts, target_cache, device)
+        # 2. Score every draft plus one bonus position with a single target forward.
+        feed = seq[target_cache.get_seq_length():] + drafts
+        p = logits_to_probs(_forward(target, target_cache, feed, device, len(drafts) + 1), sampling)
         stats.target_calls += 1
-        target_probs = logits_to_probs(logits[-(g + 1):], sampling)
-        assert target_probs.shape[-1] == draft_probs[0].shape[-1], "target and drafter vocabularies differ"
+        q = torch.stack(draft_probs) if drafts else p.new_zeros((0, p.shape[-1]))
+        if q.shape[-1] != p.shape[-1]:
+            raise ValueError(f"drafter vocab {q.shape[-1]} != target vocab {p.shape[-1]}")
 
-        # 3. Accept a prefix, emit one more token.
-        n, next_token = verify(torch.tensor(drafts), torch.stack(draft_probs), target_probs, generator)
-        stats.record_round(g, n)
-        block = truncate_at_eos(drafts[:n] + [next_token], eos)
-        emitted.extend(block)
-        if len(block) < n + 1:  # stopped at an eos inside the block
+        # 3. Verify: keep n drafts, then one token drawn from the target (residual or bonus).
+        n, next_token = verify(torch.tensor(drafts, dtype=torch.long), q, p, generator)
+        stats.record_round(len(drafts), n)
+        emitted = drafts[:n] + [next_token]
+
+        # 4. Commit, stopping right after the first eos.
+        hit_eos = next((i for i, t in enumerate(emitted) if t in eos), None)
+        if hit_eos is not None:
+            emitted = emitted[: hit_eos + 1]
+        seq += emitted
+        stats.new_tokens += len(emitted)
+        if hit_eos is not None:
             break
+        _rollback(target_cache, len(seq) - 1)
+        _rollback(drafter_cache, len(seq) - 1)
 
-        # 4. Roll both caches back to the committed context (all but the newest token).
-        committed = len(prompt) + len(emitted) - 1
-        crop_to(target_cache, committed)
-        target_pending = [next_token]
-        crop_to(drafter_cache, committed)  # it saw d_1..d_{g-1}: a no-op when all g were accepted
-        drafter_pending = ([drafts[-1]] if n == g else []) + [next_token]
-        if next_token in eos:
-            break
-
-    emitted = emitted[:max_new_tokens]
-    stats.new_tokens = len(emitted)
-    stats.wall_time_s = time.perf_counter() - started
-    return torch.tensor(emitted, dtype=torch.long, device=device), stats
+    stats.wall_time_s = time.perf_counter() - start
+    return torch.tensor(seq[prompt_len:], dtype=torch.long, device=device), stats
 
 
 @torch.inference_mode()
-def target_generate(target, input_ids: torch.Tensor, max_new_tokens: int,
-                    sampling: SamplingConfig = SamplingConfig(), eos_token_id=None,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, SpecStats]:
+def target_generate(
+    target,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_token_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, SpecStats]:
     """Plain autoregressive decoding with a KV cache and the same sampling: the speedup baseline."""
-    from transformers import DynamicCache
-
     device = input_ids.device
-    eos = eos_set(eos_token_id)
+    eos = _eos_set(eos_token_id)
+    feed = _check_input(input_ids)
+    cache = _new_cache(target)
     stats = SpecStats.empty(0)
-    started = time.perf_counter()
-    cache, feed, emitted = DynamicCache(), input_ids[0].tolist(), []
-    while len(emitted) < max_new_tokens:
-        logits, cache = forward(target, feed, cache, device)
+    new_tokens: list[int] = []
+    start = time.perf_counter()
+    while len(new_tokens) < max_new_tokens:
+        p = logits_to_probs(_forward(target, cache, feed, device, 1)[-1], sampling)
         stats.target_calls += 1
-        token = sample_token(logits_to_probs(logits[-1], sampling), generator)
-        emitted.append(token)
-        feed = [token]
+        token = sample_token(p, generator)
+        new_tokens.append(token)
         if token in eos:
             break
-    stats.new_tokens = len(emitted)
-    stats.wall_time_s = time.perf_counter() - started
-    return torch.tensor(emitted, dtype=torch.long, device=device), stats
+        feed = [token]
+    stats.new_tokens = len(new_tokens)
+    stats.wall_time_s = time.perf_counter() - start
+    return torch.tensor(new_tokens, dtype=torch.long, device=device), stats

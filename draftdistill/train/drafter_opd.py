@@ -1,0 +1,220 @@
+"""On-policy distillation of a drafter (DistillSpec-style), as one plain loop.
+
+    prompts -> response context (dataset / cached target / drafter samples, mixed by weight)
+            -> one target forward and one drafter forward over prompt + response
+            -> divergence at every response position -> optimizer step
+
+Every few steps the drafter is measured on held-out prompts with the real lossless decoder; the
+best drafter by held-out tau is exported, because acceptance can fall while the loss keeps falling.
+All randomness of a step derives from (seed, step), so a resumed run repeats the next step exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from draftdistill.data import encode_prompt, load_prompts, stop_token_ids
+from draftdistill.eval import evaluate_drafter, plot_alpha_per_position
+from draftdistill.losses import acceptance_rate, get_divergence, parse_divergence
+from draftdistill.models import default_device, load_drafter, load_target
+from draftdistill.spec import SamplingConfig
+
+from .checkpoint import export_hf, load_checkpoint, save_checkpoint
+from .rollouts import RolloutSource, pad_batch, pick_source
+
+
+@dataclass
+class DrafterOPDConfig:
+    target: str = "smollm2-135m-instruct"
+    drafter: str = "pruned:2"
+    prompts: str = "gsm8k:train"
+    eval_prompts: str = "gsm8k:heldout"
+    divergence: str = "tvd"  # any registry spec, e.g. "fkl", "jsd:beta=0.5", "lk"
+    mix_dataset: float = 0.0  # prefix-source weights (GKD lambda, generalised)
+    mix_target: float = 0.0
+    mix_drafter: float = 1.0
+    response_tokens: int = 48  # length of each response context
+    rollout_temperature: float = 1.0  # sampling temperature of drafter/target responses
+    loss_temperature: float = 1.0  # temperature of both distributions inside the divergence
+    rejected_only: bool = False  # OSD: loss only where the target would reject the drafter's token
+    steps: int = 60
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    max_grad_norm: float = 1.0
+    gamma: int = 4
+    eval_every: int = 20
+    eval_num_prompts: int = 8
+    eval_max_new_tokens: int = 48
+    eval_temperature: float = 0.0
+    save_every: int = 20
+    out_dir: str = "runs/distill"
+    resume: bool = True  # continue from out_dir/checkpoint when it exists
+    seed: int = 0
+    device: str | None = None
+
+
+def lr_lambda(cfg: DrafterOPDConfig):
+    def scale(step: int) -> float:  # linear warmup, cosine decay to 10%
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return scale
+
+
+def batch_indices(step: int, micro: int, cfg: DrafterOPDConfig, order: torch.Tensor) -> list[int]:
+    start = (step * cfg.grad_accum + micro) * cfg.batch_size
+    return [int(order[(start + i) % len(order)]) for i in range(cfg.batch_size)]
+
+
+def rejected_mask(student_logits, teacher_logits, ids, scored, generator) -> torch.Tensor:
+    """Positions where speculative sampling would reject the token in the context (OSD)."""
+    tokens = ids[:, 1:].unsqueeze(-1)
+    p = torch.softmax(teacher_logits.float(), -1).gather(-1, tokens).squeeze(-1)
+    q = torch.softmax(student_logits.detach().float(), -1).gather(-1, tokens).squeeze(-1)
+    u = torch.rand(p.shape, generator=generator)
+    return scored & (u * q >= p).to(scored.device)
+
+
+class MetricsLog:
+    """JSONL always; TensorBoard when it is installed."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / "metrics.jsonl"
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, step: int, **values):
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and value is not None:
+                    self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+
+
+def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = cfg.device or default_device()
+    torch.manual_seed(cfg.seed)
+
+    # Models: a frozen target, a trainable drafter in float32 (its optimizer state too).
+    target, tokenizer = load_target(cfg.target, device=device)
+    drafter = load_drafter(cfg.drafter, target, tokenizer).float().train()
+    drafter.requires_grad_(True)
+    eos = stop_token_ids(tokenizer, target)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+
+    prompts = load_prompts(cfg.prompts)
+    prompt_ids = [encode_prompt(tokenizer, p).to(device) for p in prompts]
+    eval_ids = [encode_prompt(tokenizer, p).to(device)
+                for p in load_prompts(cfg.eval_prompts, limit=cfg.eval_num_prompts)]
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
+    rollouts = RolloutSource(target, drafter, tokenizer, prompts, prompt_ids, response_tokens=cfg.response_tokens,
+                             temperature=cfg.rollout_temperature, eos_token_id=eos, seed=cfg.seed)
+    mix = {"dataset": cfg.mix_dataset, "target": cfg.mix_target, "drafter": cfg.mix_drafter}
+    name, params = parse_divergence(cfg.divergence)
+    loss_fn = get_divergence(name, **params)
+
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    state = {"step": 0, "best_tau": None, "tau_before": None, "alpha_before": None}
+    if cfg.resume and (out / "checkpoint" / "trainer_state.json").is_file():
+        state = load_checkpoint(out / "checkpoint", drafter, optimizer, scheduler)
+    log = MetricsLog(out)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    def evaluate(step: int) -> dict:
+        drafter.eval()
+        report = evaluate_drafter(target, drafter, eval_ids, gamma=cfg.gamma,
+                                  sampling=SamplingConfig(temperature=cfg.eval_temperature),
+                                  max_new_tokens=cfg.eval_max_new_tokens, eos_token_id=eos,
+                                  seed=cfg.seed, baseline=False, progress=False)["speculative"]
+        drafter.train()
+        log.write(step, eval_tau=report["tau"], eval_alpha=report["alpha_reached"],
+                  eval_alpha_per_position=report["alpha_per_position"])
+        if state["best_tau"] is None or report["tau"] > state["best_tau"]:
+            state["best_tau"] = report["tau"]
+            export_hf(out / "best", drafter, tokenizer)
+        return report
+
+    if state["step"] == 0:
+        before = evaluate(0)
+        state["tau_before"], state["alpha_before"] = before["tau"], before["alpha_per_position"]
+
+    bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="distill",
+               disable=not progress)
+    for step in bar:
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        # 1. Build every micro-batch's context first, so the loss is normalised by the step's total
+        #    number of scored tokens (not per micro-batch) under gradient accumulation.
+        batches = []
+        for micro in range(cfg.grad_accum):
+            indices = batch_indices(step, micro, cfg, order)
+            drafter.eval()
+            responses = [rollouts.response(i, pick_source(mix, generator), generator) for i in indices]
+            drafter.train()
+            ids, attention, scored = pad_batch([prompt_ids[i][0].tolist() for i in indices], responses, pad_id)
+            batches.append((ids.to(device), attention.to(device), scored.to(device)))
+
+        # 2. Teacher scores, drafter forward, divergence at every scored position.
+        with torch.no_grad():
+            teacher = [target(input_ids=ids, attention_mask=att).logits[:, :-1] for ids, att, _ in batches]
+            masks = [scored for _, _, scored in batches]
+            if cfg.rejected_only:  # needs the drafter's q before any backward, to count the scored tokens
+                masks = [rejected_mask(drafter(input_ids=ids, attention_mask=att).logits[:, :-1], t_logits, ids,
+                                       scored, generator) for (ids, att, scored), t_logits in zip(batches, teacher)]
+        total_tokens = max(1, int(sum(m.sum() for m in masks)))
+        loss_sum, accept_sum, agree_sum = 0.0, 0.0, 0.0
+        optimizer.zero_grad(set_to_none=True)
+        for (ids, att, scored), t_logits, mask in zip(batches, teacher, masks):
+            s_logits = drafter(input_ids=ids, attention_mask=att).logits[:, :-1]
+            loss = loss_fn(s_logits, t_logits, mask, temperature=cfg.loss_temperature, reduction="sum")
+            (loss / total_tokens).backward()
+            loss_sum += float(loss.detach())
+            with torch.no_grad():  # training-time acceptance estimates over all response positions
+                accept_sum += float(acceptance_rate(s_logits, t_logits, scored, reduction="sum"))
+                agree_sum += float(((s_logits.argmax(-1) == t_logits.argmax(-1)) & scored).sum())
+        scored_tokens = max(1, int(sum(b[2].sum() for b in batches)))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+
+        metrics = {"loss": loss_sum / total_tokens, "est_alpha": accept_sum / scored_tokens,
+                   "est_greedy_agreement": agree_sum / scored_tokens, "grad_norm": grad_norm,
+                   "lr": scheduler.get_last_lr()[0], "scored_tokens": scored_tokens,
+                   "target_rollout_tokens": rollouts.target_forward_tokens}
+        log.write(step + 1, **metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", alpha=f"{metrics['est_alpha']:.3f}")
+        state["step"] = step + 1
+        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
+            report = evaluate(state["step"])
+            bar.write(f"step {state['step']}: held-out tau {report['tau']:.3f}, "
+                      f"decoder alpha {report['alpha_reached']:.3f}, training estimate {metrics['est_alpha']:.3f} "
+                      f"(greedy agreement {metrics['est_greedy_agreement']:.3f})")
+            state["last_eval"] = report
+        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
+            save_checkpoint(out / "checkpoint", drafter, optimizer, scheduler, state)
+
+    after = state.get("last_eval")
+    if after is not None and state["alpha_before"] is not None:
+        plot_alpha_per_position({"before": state["alpha_before"], "after": after["alpha_per_position"]},
+                                out / "alpha_per_position.png",
+                                title=f"{cfg.drafter} distilled with {cfg.divergence}, T={cfg.eval_temperature:g}")
+    summary = {"tau_before": state["tau_before"], "tau_after": after["tau"] if after else None,
+               "best_tau": state["best_tau"], "steps": state["step"], "out_dir": str(out)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

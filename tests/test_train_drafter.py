@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from draftdistill.train import DrafterOPDConfig, load_config, train_drafter
+from tiny import save_model_dir
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    target = save_model_dir(root / "target", layers=3, seed=0)
+    prompts = root / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{(i * 7) % 29} w{(i * 3) % 29}",
+                                           "answer": f"w{i % 5} w{i % 7}"}) + "\n" for i in range(40)))
+    return root, target, prompts
+
+
+def config(setup, out, **kw):
+    root, target, prompts = setup
+    base = dict(target=str(target), drafter="pruned:1", prompts=str(prompts), eval_prompts=str(prompts),
+                response_tokens=6, batch_size=2, steps=4, eval_every=2, save_every=2, eval_num_prompts=2,
+                eval_max_new_tokens=6, out_dir=str(out), device="cpu", lr=1e-2, warmup_steps=1)
+    base.update(kw)
+    return DrafterOPDConfig(**base)
+
+
+def test_training_logs_checkpoints_and_exports_a_loadable_drafter(setup):
+    root = setup[0]
+    cfg = config(setup, root / "run", mix_dataset=1.0, mix_target=1.0, mix_drafter=1.0, divergence="fkl")
+    summary = train_drafter(cfg, progress=False)
+    out = root / "run"
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [l for l in lines if "loss" in l]
+    assert [l["step"] for l in train_lines] == [1, 2, 3, 4]
+    assert all(l["loss"] >= 0 and 0 <= l["est_alpha"] <= 1 for l in train_lines)
+    assert [l["step"] for l in lines if "eval_tau" in l] == [0, 2, 4]
+    assert summary["tau_before"] >= 1 and summary["best_tau"] >= summary["tau_before"]
+    best = AutoModelForCausalLM.from_pretrained(out / "best")  # a plain HF directory
+    assert best.config.num_hidden_layers == 1 and (out / "best" / "tokenizer.json").is_file()
+    assert (out / "alpha_per_position.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_training_reduces_the_divergence_on_fixed_data(setup):
+    root = setup[0]
+    four = root / "four.jsonl"  # batch_size 4 over 4 prompts: the same batch every step
+    four.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 3}", "answer": f"w{i + 1} w{i + 2} w{i}"}) + "\n"
+                            for i in range(4)))
+    cfg = config(setup, root / "fixed", drafter="small:layers=1,hidden=16,heads=2,kv_heads=1,intermediate=32",
+                 prompts=str(four), mix_dataset=1.0, mix_drafter=0.0, divergence="tvd", steps=15,
+                 eval_every=100, save_every=100, batch_size=4)
+    train_drafter(cfg, progress=False)
+    rows = [json.loads(l) for l in (root / "fixed" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+
+
+def test_killed_run_resumes_exactly(setup, monkeypatch):
+    root = setup[0]
+    train_drafter(config(setup, root / "straight"), progress=False)
+    expected = load_file(root / "straight" / "checkpoint" / "drafter.safetensors")
+
+    calls = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def dies_on_third_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dies_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_drafter(config(setup, root / "killed"), progress=False)
+    state = json.loads((root / "killed" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2  # the checkpoint written before the kill is intact
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    train_drafter(config(setup, root / "killed"), progress=False)
+    resumed = load_file(root / "killed" / "checkpoint" / "drafter.safetensors")
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0)
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("divergence: jsd:beta=0.5\nsteps: 10\nlr: 1e-4\n")
+    cfg = load_config(DrafterOPDConfig, path, ["steps=3", "drafter=pruned:4", "lr=0.001", "rejected_only=true"])
+    assert (cfg.steps, cfg.drafter, cfg.lr, cfg.rejected_only, cfg.divergence) == (3, "pruned:4", 0.001, True,
+                                                                                   "jsd:beta=0.5")
+    with pytest.raises(ValueError, match="unknown config keys \\['stpes'\\]"):
+        load_config(DrafterOPDConfig, path, ["stpes=3"])
