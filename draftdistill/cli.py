@@ -143,6 +143,35 @@ def eval_command(target, drafter, prompts, num_prompts, max_new_tokens, gamma, t
         click.echo(f"wrote {plot}")
 
 
+@main.command("train", context_settings={"ignore_unknown_options": True})
+@click.argument("config", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@fail_clearly
+def train_command(config, overrides, quiet):
+    """Distil a drafter on-policy: draftdistill train CONFIG.yaml [key=value ...].
+
+    CONFIG is a recipe from configs/ (e.g. configs/distillspec-tvd.yaml); each key=value overrides
+    one of its fields (e.g. steps=200 divergence=jsd:beta=0.5 drafter=pruned:4). Metrics go to
+    OUT_DIR/metrics.jsonl and OUT_DIR/tensorboard, checkpoints to OUT_DIR/checkpoint (resumed when
+    present), the best drafter by held-out tau to OUT_DIR/best (a plain HF directory).
+    """
+    from dataclasses import fields
+
+    from draftdistill.train import DrafterOPDConfig, load_config, train_drafter
+
+    if config and "=" in config:  # no file given, only overrides
+        overrides, config = (config, *overrides), None
+    cfg = load_config(DrafterOPDConfig, config, overrides)
+    click.echo("config: " + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)))
+    summary = train_drafter(cfg, progress=not quiet)
+    click.echo(f"held-out tau before {fmt(summary['tau_before'])}, after {fmt(summary['tau_after'])}, "
+               f"best {fmt(summary['best_tau'])}  (gamma {cfg.gamma}, T={cfg.eval_temperature:g}, "
+               f"{cfg.eval_num_prompts} prompts)")
+    click.echo(f"best drafter: {cfg.out_dir}/best   metrics: {cfg.out_dir}/metrics.jsonl   "
+               f"plot: {cfg.out_dir}/alpha_per_position.png")
+
+
 @main.group()
 def bench():
     """Benchmarks that write benchmarks/results/*.json with command, machine, date and numbers."""

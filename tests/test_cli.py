@@ -82,3 +82,19 @@ def test_config_with_unknown_key_is_refused(tmp_path):
     config.write_text("drafter: pruned:1\ngama: 3\n")
     result = CliRunner().invoke(main, ["eval", "--config", str(config)])
     assert result.exit_code != 0 and "unknown keys ['gama']" in result.output
+
+
+def test_train_command_reads_config_and_overrides(tmp_path):
+    target = save_model_dir(tmp_path / "target", layers=2, seed=0)
+    prompts = write_prompts(tmp_path / "p.jsonl", n=6)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"target: {target}\ndrafter: pruned:1\nprompts: {prompts}\neval_prompts: {prompts}\n"
+                      f"steps: 50\nresponse_tokens: 4\nbatch_size: 2\neval_num_prompts: 2\neval_max_new_tokens: 5\n"
+                      f"device: cpu\nout_dir: {tmp_path / 'run'}\n")
+    result = run("train", str(config), "steps=2", "eval_every=1", "divergence=jsd:beta=0.5", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "held-out tau before" in result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["tau_after"] is not None
+    bad = CliRunner().invoke(main, ["train", str(config), "divergence=kl2"])
+    assert bad.exit_code != 0 and "unknown divergence 'kl2'" in bad.output

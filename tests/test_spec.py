@@ -3,8 +3,10 @@
 - greedy: token-for-token equal to the target's own greedy decoding (ours and HF generate);
 - sampled: the law of the first few tokens equals the target's exact law (chi-square against an
   enumeration), for a perfect, a random and an adversarial drafter;
-- KV caches: every logit row the loop computes equals a no-cache forward over the same context, and
-  the target's cache only ever holds committed tokens;
+- verify alone: 200k vectorised trials per (p, q) pair, q zero where p is not and vice versa;
+- KV caches: every logit row the loop computes equals a no-cache forward over the same context, the
+  target's cache only ever holds committed tokens, and 100-token greedy runs with rejections at
+  every block depth match HF generate;
 - stats: counters add up.
 Tiny random Llamas in float64, so batched and incremental forwards cannot flip a greedy argmax.
 """
@@ -25,6 +27,7 @@ from draftdistill.spec import (
     speculative_generate,
     target_generate,
     verify,
+    verify_batch,
 )
 
 GREEDY = SamplingConfig()
@@ -45,16 +48,35 @@ class Adversarial(torch.nn.Module):
     """A drafter that favours what the target avoids, yet runs a real model with a real KV cache:
     q = mix * softmax(logits) + (1 - mix) * softmax(-3 * logits) of the wrapped model. With mix=0 it
     always proposes the wrapped model's least likely token (greedy: every draft is rejected); with
-    mix=0.5 half its mass sits on tokens the target rarely picks, so both accept and reject paths run."""
+    mix=0.5 half its mass sits on tokens the target rarely picks, so both accept and reject paths run.
+    Its forward takes only the three arguments the decoder promises to pass (no logits_to_keep)."""
 
     def __init__(self, model, mix=0.0, scale=-3.0):
         super().__init__()
         self.model, self.mix, self.scale = model, mix, scale
 
-    def forward(self, **kwargs):
-        out = self.model(**kwargs)
+    def forward(self, input_ids, past_key_values, use_cache):
+        out = self.model(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache)
         q = self.mix * out.logits.softmax(-1) + (1 - self.mix) * (self.scale * out.logits).softmax(-1)
         out.logits = q.log()
+        return out
+
+
+class Flaky(torch.nn.Module):
+    """The wrapped model, except that its prediction for a fixed random 30% of the positions is
+    negated (greedy: its argmin). Greedy acceptance then runs for an irregular number of drafts and
+    breaks, so rejections land at every depth of a block."""
+
+    def __init__(self, model, rate=0.3, seed=0):
+        super().__init__()
+        self.model = model
+        self.wrong = torch.rand(1024, generator=torch.Generator().manual_seed(seed)) < rate
+
+    def forward(self, input_ids, past_key_values, use_cache):
+        start = past_key_values.get_seq_length()
+        out = self.model(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache)
+        flip = self.wrong[start: start + input_ids.shape[1]].view(1, -1, 1)
+        out.logits = torch.where(flip, -out.logits, out.logits)
         return out
 
 
@@ -139,33 +161,43 @@ VERIFY_CASES = {
 
 @pytest.mark.parametrize("case", list(VERIFY_CASES))
 def test_verify_emits_target_distribution_for_any_q(case):
-    """With position-wise p that do not depend on the prefix, the k-th emitted token (given the block
-    has k tokens) must follow p_k exactly, and the first draft is accepted with prob sum min(p, q)."""
+    """Many independent blocks in one vectorised call. With position-wise p that do not depend on the
+    prefix, the k-th emitted token (given the block has k tokens) must follow p_k exactly, and the
+    first draft is accepted with probability sum_v min(p(v), q(v))."""
     p, q = (torch.tensor(t, dtype=torch.float64) for t in VERIFY_CASES[case])
-    g, trials = q.shape[0], 8000
+    g, V, trials = q.shape[0], q.shape[1], 200_000
     generator = torch.Generator().manual_seed(0)
-    emitted = [torch.zeros(5) for _ in range(g + 1)]
-    first_accepted = 0
-    for _ in range(trials):
-        drafts = torch.stack([torch.multinomial(q[i], 1, generator=generator)[0] for i in range(g)])
-        n, next_token = verify(drafts, q, p, generator)
-        block = drafts[:n].tolist() + [next_token]
-        for k, token in enumerate(block):
-            emitted[k][token] += 1
-        first_accepted += n >= 1
+    drafts = torch.stack([torch.multinomial(q[i], trials, replacement=True, generator=generator)
+                          for i in range(g)], dim=1)  # [trials, g], x_i ~ q_i
+    n, next_token = verify_batch(drafts, q.expand(trials, g, V), p.expand(trials, g + 1, V), generator)
+    assert n.min() >= 0 and n.max() <= g
     for k in range(g + 1):
-        counts, expected = emitted[k].double(), p[k] / p[k].sum() * emitted[k].sum()
+        # the k-th emitted token: an accepted draft if k < n, the verifier's own token if k == n
+        reached = n >= k
+        token = torch.where(n[reached] > k, drafts[reached, min(k, g - 1)], next_token[reached])
+        counts = torch.bincount(token, minlength=V).double()
         if counts.sum() == 0:  # position never reached (e.g. disjoint supports: nothing is accepted)
             continue
-        assert counts[p[k] == 0].sum() == 0  # never emits a token the target cannot
+        assert counts[p[k] == 0].sum() == 0, k  # never emits a token the target cannot
         support = p[k] > 0
+        expected = p[k][support] / p[k][support].sum() * counts.sum()
         if support.sum() > 1:
-            assert chisquare(counts[support].numpy(), expected[support].numpy()).pvalue > 1e-3, k
+            assert chisquare(counts[support].numpy(), expected.numpy()).pvalue > 1e-3, k
     alpha = float(torch.minimum(p[0], q[0]).sum())
+    first_accepted = int((n >= 1).sum())
     if 0 < alpha < 1:
         assert binomtest(first_accepted, trials, alpha).pvalue > 1e-3
     else:
         assert first_accepted == round(alpha * trials)
+
+
+def test_verify_is_verify_batch_of_one():
+    p = torch.softmax(torch.randn(4, 7, generator=torch.Generator().manual_seed(5)), -1)
+    q = torch.softmax(torch.randn(3, 7, generator=torch.Generator().manual_seed(6)), -1)
+    drafts = torch.tensor([1, 4, 6])
+    for seed in range(20):
+        n, t = verify_batch(drafts[None], q[None], p[None], torch.Generator().manual_seed(seed))
+        assert verify(drafts, q, p, torch.Generator().manual_seed(seed)) == (int(n[0]), int(t[0]))
 
 
 def test_verify_greedy_is_argmax_agreement():
@@ -190,8 +222,9 @@ def test_greedy_equals_target_greedy(greedy_setup, drafter_name, gamma):
     assert plain_stats.target_calls == n
     # each round emits its accepted drafts + one target token; one drafter forward per draft
     assert stats.new_tokens == n == sum(stats.accepted) + stats.target_calls
-    assert stats.drafter_calls == sum(stats.proposed)
-    assert all(0.0 <= a <= 1.0 for a, r in zip(stats.alpha_per_position, stats.reached) if r)
+    assert stats.drafter_calls >= sum(stats.proposed)  # drafts behind a rejection are never looked at
+    assert all(0.0 <= a <= 1.0 for a, r in zip(stats.alpha_per_position, stats.proposed) if r)
+    assert len(stats.proposed) == gamma and stats.target_calls <= n
     if drafter_name == "adversarial":
         assert stats.alpha == 0.0 and stats.target_calls == n  # every draft rejected, caches rolled back each round
 
@@ -224,6 +257,24 @@ def test_greedy_stops_right_after_eos(greedy_setup, gamma):
 
 
 # ---------------------------------------------------------------- KV-cache bookkeeping
+
+@pytest.mark.parametrize("gamma", [2, 5])
+@pytest.mark.parametrize("drafter_name", ["adversarial", "flaky", "random"])
+def test_greedy_long_output_with_frequent_rejections(greedy_setup, drafter_name, gamma):
+    """100 tokens with rejections at every depth of the block: one wrong crop would show up as a
+    different token somewhere down the line."""
+    target, drafters, _ = greedy_setup
+    drafter = Flaky(target) if drafter_name == "flaky" else drafters[drafter_name]
+    n = 100
+    reference = hf_greedy(target, PROMPT, n)
+    ours, stats = speculative_generate(target, drafter, PROMPT, n, gamma=gamma)
+    assert ours.tolist() == reference == target_generate(target, PROMPT, n)[0].tolist()
+    assert stats.new_tokens == n == sum(stats.accepted) + stats.target_calls
+    if drafter_name == "flaky":  # rejections at several depths, acceptances too
+        assert 0.4 < stats.alpha < 0.9, stats
+        assert all(0 < a < 1 for a in stats.alpha_per_position[:2]), stats
+
+
 
 @pytest.mark.parametrize("drafter_name, sampling", [("random", T1), ("adversarial", GREEDY), ("adversarial", T1)])
 def test_cached_logits_match_full_forward(greedy_setup, drafter_name, sampling):
@@ -322,12 +373,12 @@ def sample_counts(target, drafter, length, sampling, gamma, n, eos=None, seed=12
                                              eos_token_id=eos, generator=generator)
         seq = tuple(tokens.tolist())
         counts[seq] = counts.get(seq, 0) + 1
-        total.update(stats)
+        total = total.merge(stats)
     return counts, total
 
 
 @pytest.mark.parametrize("drafter_name, sampling, gamma, eos", [
-    ("self", T1, 2, None),
+    ("self", T1, 3, None),
     ("random", T1, 1, None),
     ("adversarial", T1, 2, None),
     ("random", T07_P08, 2, None),
@@ -336,7 +387,7 @@ def sample_counts(target, drafter, length, sampling, gamma, n, eos=None, seed=12
 ])
 def test_sampled_output_follows_target_distribution(dist_models, drafter_name, sampling, gamma, eos):
     target, drafters = dist_models
-    length, n = 3, 2000
+    length, n = 3, 3000
     exact = exact_distribution(target, [0, 2], length, sampling, eos=eos or ())
     assert abs(sum(exact.values()) - 1) < 1e-9
     counts, stats = sample_counts(target, drafters[drafter_name], length, sampling, gamma, n, eos=eos)
@@ -377,7 +428,7 @@ def test_target_as_drafter_greedy_accepts_everything(greedy_setup):
     target, _, reference = greedy_setup
     gamma = 4
     tokens, stats = speculative_generate(target, target, PROMPT, 3 * (gamma + 1), gamma=gamma)
-    assert tokens.tolist() == reference[: 3 * (gamma + 1)]
+    assert tokens.tolist() == reference[: 3 * (gamma + 1)] and len(tokens) == stats.new_tokens
     assert stats.alpha_per_position == [1.0] * gamma and stats.alpha == 1.0
     assert stats.target_calls == 3 and stats.tau == gamma + 1
     assert stats.drafter_calls == 3 * gamma
@@ -391,21 +442,22 @@ def test_spec_stats_counting_and_merging():
     a = SpecStats.empty(3)
     a.record_round(3, 1)  # d0 accepted, d1 rejected, d2 never looked at
     a.record_round(3, 3)
-    a.record_round(2, 0)  # shrunk gamma near the budget
-    assert a.proposed == [3, 3, 2] and a.reached == [3, 2, 1] and a.accepted == [2, 1, 1]
+    a.record_round(2, 0)  # shrunk gamma near the budget; d0 rejected
+    assert a.proposed == [3, 2, 1] and a.accepted == [2, 1, 1]
     assert a.alpha_per_position == [2 / 3, 0.5, 1.0]
-    assert a.alpha == 4 / 8 and a.alpha_reached == 4 / 6
-    a.target_calls, a.new_tokens, a.wall_time_s = 3, 7, 2.0
+    assert a.alpha == 4 / 6
+    a.target_calls, a.new_tokens, a.seconds = 3, 7, 2.0
     assert a.tau == 7 / 3 and a.tokens_per_second == 3.5
 
     b = SpecStats.empty(5)
     b.record_round(5, 5)
     b.target_calls, b.new_tokens, b.drafter_calls = 1, 6, 5
-    merged = a + b
-    assert merged.proposed == [4, 4, 3, 1, 1] and merged.accepted == [3, 2, 2, 1, 1]
+    merged = a.merge(b)
+    assert merged.proposed == [4, 3, 2, 1, 1] and merged.accepted == [3, 2, 2, 1, 1]
     assert merged.target_calls == 4 and merged.new_tokens == 13 and merged.drafter_calls == 5
-    assert sum([a, b]).to_dict() == merged.to_dict()
-    assert a.proposed == [3, 3, 2]  # + does not mutate its operands
+    assert merged.seconds == 2.0
+    assert sum([a, b]).to_dict() == merged.to_dict() == (a + b).to_dict()
+    assert a.proposed == [3, 2, 1] and b.proposed == [1] * 5  # merge does not mutate its operands
 
     empty = SpecStats.empty(2)
     assert math.isnan(empty.tau) and math.isnan(empty.alpha_per_position[0])

@@ -16,7 +16,7 @@ def decode_all(generate_one, prompt_ids: list[torch.Tensor], seed: int, desc: st
     for i, ids in enumerate(tqdm(prompt_ids, desc=desc, disable=not progress, leave=False)):
         generator = torch.Generator(device=ids.device).manual_seed(seed + i)
         _, stats = generate_one(ids, generator)
-        total = stats if total is None else total.update(stats)
+        total = stats if total is None else total.merge(stats)
     return total
 
 
@@ -25,10 +25,8 @@ def evaluate_drafter(target, drafter, prompt_ids: list[torch.Tensor], *, gamma: 
                      eos_token_id=None, seed: int = 0, baseline: bool = True, progress: bool = True) -> dict:
     """Return a JSON-able report: speculative stats, target-only stats and the speedup."""
     started = time.perf_counter()
-    spec = decode_all(
-        lambda ids, g: speculative_generate(target, drafter, ids, max_new_tokens, gamma=gamma, sampling=sampling,
-                                            eos_token_id=eos_token_id, generator=g),
-        prompt_ids, seed, "speculative", progress)
+    spec = speculative_stats(target, drafter, prompt_ids, gamma=gamma, sampling=sampling,
+                             max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, seed=seed, progress=progress)
     report = {
         "gamma": gamma, "temperature": sampling.temperature, "top_p": sampling.top_p,
         "max_new_tokens": max_new_tokens, "num_prompts": len(prompt_ids), "seed": seed,
@@ -41,6 +39,15 @@ def evaluate_drafter(target, drafter, prompt_ids: list[torch.Tensor], *, gamma: 
         report["speedup"] = spec.tokens_per_second / base.tokens_per_second
     report["seconds"] = time.perf_counter() - started
     return report
+
+
+def speculative_stats(target, drafter, prompt_ids: list[torch.Tensor], *, gamma: int, sampling: SamplingConfig,
+                      max_new_tokens: int, eos_token_id=None, seed: int = 0, progress: bool = True) -> SpecStats:
+    """The lossless decoder over every prompt, its stats merged."""
+    return decode_all(
+        lambda ids, g: speculative_generate(target, drafter, ids, max_new_tokens, gamma=gamma, sampling=sampling,
+                                            eos_token_id=eos_token_id, generator=g),
+        prompt_ids, seed, "speculative", progress)
 
 
 def target_only(target, prompt_ids: list[torch.Tensor], *, sampling: SamplingConfig, max_new_tokens: int,

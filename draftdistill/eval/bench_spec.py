@@ -1,11 +1,26 @@
 """Benchmark of the lossless decoder: ours vs HF assisted generation (same drafter, same run) vs
-target-only decoding, over drafters and temperatures."""
+target-only decoding, over drafters and temperatures.
+
+The arms are interleaved prompt by prompt (every arm decodes prompt i before any arm moves on), so
+a noisy machine slows all arms alike and the ratios stay meaningful.
+"""
 from __future__ import annotations
+
+from tqdm.auto import tqdm
 
 from draftdistill.spec import SamplingConfig
 
-from .acceptance import evaluate_drafter, target_only
+from .acceptance import speculative_stats, target_only
 from .hf_assisted import hf_generate_all
+
+HF_COUNTS = ("new_tokens", "target_calls", "seconds")
+
+
+def add_hf(total: dict | None, one: dict) -> dict:
+    total = {k: (total or {}).get(k, 0) + one[k] for k in HF_COUNTS}
+    total["tau"] = total["new_tokens"] / max(total["target_calls"], 1)
+    total["tokens_per_second"] = total["new_tokens"] / total["seconds"]
+    return total
 
 
 def run_spec_benchmark(target, drafters: dict, prompt_ids: list, *, temperatures=(0.0, 1.0), gamma: int = 4,
@@ -14,19 +29,27 @@ def run_spec_benchmark(target, drafters: dict, prompt_ids: list, *, temperatures
     rows = []
     for temperature in temperatures:
         sampling = SamplingConfig(temperature=temperature)
-        common = dict(sampling=sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                      seed=seed, progress=progress)
-        hf_target = hf_generate_all(target, prompt_ids, **common)
-        base = target_only(target, prompt_ids, **common).to_dict()
-        for name, drafter in drafters.items():
-            spec = evaluate_drafter(target, drafter, prompt_ids, gamma=gamma, baseline=False, **common)["speculative"]
-            hf = hf_generate_all(target, prompt_ids, drafter=drafter, gamma=gamma, **common)
+        ours, hf, ours_base, hf_base = {}, {}, None, None
+        for i, ids in enumerate(tqdm(prompt_ids, desc=f"bench T={temperature:g}", disable=not progress)):
+            one = dict(sampling=sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                       seed=seed + i, progress=False)
+            hf_base = add_hf(hf_base, hf_generate_all(target, [ids], **one))
+            stats = target_only(target, [ids], **one)
+            ours_base = stats if ours_base is None else ours_base.merge(stats)
+            for name, drafter in drafters.items():
+                spec = speculative_stats(target, drafter, [ids], gamma=gamma, **one)
+                ours[name] = ours[name].merge(spec) if name in ours else spec
+                hf[name] = add_hf(hf.get(name), hf_generate_all(target, [ids], drafter=drafter, gamma=gamma, **one))
+        base = ours_base.to_dict()
+        for name in drafters:
+            spec = ours[name].to_dict()
             rows.append({
                 "drafter": name, "temperature": temperature, "gamma": gamma,
-                "ours": spec, "ours_target_only": base, "hf_assisted": hf, "hf_target_only": hf_target,
+                "ours": spec, "ours_target_only": base, "hf_assisted": hf[name], "hf_target_only": hf_base,
                 "speedup_vs_our_target_only": spec["tokens_per_second"] / base["tokens_per_second"],
-                "speedup_vs_hf_target_only": spec["tokens_per_second"] / hf_target["tokens_per_second"],
-                "hf_assisted_speedup_vs_hf_target_only": hf["tokens_per_second"] / hf_target["tokens_per_second"],
-                "ours_over_hf_assisted_tokens_per_second": spec["tokens_per_second"] / hf["tokens_per_second"],
+                "speedup_vs_hf_target_only": spec["tokens_per_second"] / hf_base["tokens_per_second"],
+                "hf_assisted_speedup_vs_hf_target_only": hf[name]["tokens_per_second"] / hf_base["tokens_per_second"],
+                "ours_over_hf_assisted_tokens_per_second": spec["tokens_per_second"] / hf[name]["tokens_per_second"],
             })
     return rows
+

@@ -8,7 +8,7 @@
 from .decoder import speculative_generate, target_generate
 from .metrics import SpecStats
 from .sampling import SamplingConfig, logits_to_probs, sample_token, top_p_filter
-from .verify import verify
+from .verify import verify, verify_batch
 
 __all__ = [
     "SamplingConfig",
@@ -19,4 +19,5 @@ __all__ = [
     "target_generate",
     "top_p_filter",
     "verify",
+    "verify_batch",
 ]

@@ -20,6 +20,8 @@ Hence tau = new_tokens / target_calls exactly.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 
 import torch
@@ -38,10 +40,19 @@ def _new_cache(model) -> DynamicCache:
     return cache
 
 
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    """HF models can skip the lm_head for positions we do not need (a long prompt x a big vocab);
+    a plain wrapper module may not take the argument. Cached per class: inspect is slow per token."""
+    params = inspect.signature(model_class.forward).parameters
+    return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def _forward(model, cache: DynamicCache, tokens: list[int], device, num_logits: int) -> torch.Tensor:
     """Feed `tokens` after what `cache` holds (the cache grows in place); return the last num_logits logits [n, V]."""
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=num_logits)
+    extra = {"logits_to_keep": num_logits} if _takes_logits_to_keep(type(model)) else {}
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
     return out.logits[0, -num_logits:]
 
 
@@ -133,7 +144,7 @@ def speculative_generate(
         _rollback(target_cache, len(seq) - 1)
         _rollback(drafter_cache, len(seq) - 1)
 
-    stats.wall_time_s = time.perf_counter() - start
+    stats.seconds = time.perf_counter() - start
     return torch.tensor(seq[prompt_len:], dtype=torch.long, device=device), stats
 
 
@@ -163,5 +174,5 @@ def target_generate(
             break
         feed = [token]
     stats.new_tokens = len(new_tokens)
-    stats.wall_time_s = time.perf_counter() - start
+    stats.seconds = time.perf_counter() - start
     return torch.tensor(new_tokens, dtype=torch.long, device=device), stats

@@ -111,6 +111,9 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     device = cfg.device or default_device()
     torch.manual_seed(cfg.seed)
 
+    # Prompts first, so a malformed file fails before any model is loaded.
+    prompts = load_prompts(cfg.prompts)
+    eval_prompts = load_prompts(cfg.eval_prompts, limit=cfg.eval_num_prompts)
     # Models: a frozen target, a trainable drafter in float32 (its optimizer state too).
     target, tokenizer = load_target(cfg.target, device=device)
     drafter = load_drafter(cfg.drafter, target, tokenizer).float().train()
@@ -118,10 +121,8 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     eos = stop_token_ids(tokenizer, target)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
-    prompts = load_prompts(cfg.prompts)
     prompt_ids = [encode_prompt(tokenizer, p).to(device) for p in prompts]
-    eval_ids = [encode_prompt(tokenizer, p).to(device)
-                for p in load_prompts(cfg.eval_prompts, limit=cfg.eval_num_prompts)]
+    eval_ids = [encode_prompt(tokenizer, p).to(device) for p in eval_prompts]
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
     rollouts = RolloutSource(target, drafter, tokenizer, prompts, prompt_ids, response_tokens=cfg.response_tokens,
                              temperature=cfg.rollout_temperature, eos_token_id=eos, seed=cfg.seed)
@@ -144,7 +145,7 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
                                   max_new_tokens=cfg.eval_max_new_tokens, eos_token_id=eos,
                                   seed=cfg.seed, baseline=False, progress=False)["speculative"]
         drafter.train()
-        log.write(step, eval_tau=report["tau"], eval_alpha=report["alpha_reached"],
+        log.write(step, eval_tau=report["tau"], eval_alpha=report["alpha"],
                   eval_alpha_per_position=report["alpha_per_position"])
         if state["best_tau"] is None or report["tau"] > state["best_tau"]:
             state["best_tau"] = report["tau"]
@@ -203,7 +204,7 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
             report = evaluate(state["step"])
             bar.write(f"step {state['step']}: held-out tau {report['tau']:.3f}, "
-                      f"decoder alpha {report['alpha_reached']:.3f}, training estimate {metrics['est_alpha']:.3f} "
+                      f"decoder alpha {report['alpha']:.3f}, training estimate {metrics['est_alpha']:.3f} "
                       f"(greedy agreement {metrics['est_greedy_agreement']:.3f})")
             state["last_eval"] = report
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
