@@ -144,7 +144,7 @@ def eval_command(target, drafter, prompts, num_prompts, max_new_tokens, gamma, t
 
 
 @main.command("train", context_settings={"ignore_unknown_options": True})
-@click.argument("config", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.argument("config", required=False)
 @click.argument("overrides", nargs=-1)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @fail_clearly
@@ -160,8 +160,10 @@ def train_command(config, overrides, quiet):
 
     from draftdistill.train import DrafterOPDConfig, load_config, train_drafter
 
-    if config and "=" in config:  # no file given, only overrides
+    if config and "=" in config and not Path(config).is_file():  # no file given, only overrides
         overrides, config = (config, *overrides), None
+    if config and not Path(config).is_file():
+        raise click.BadParameter(f"config file {config} does not exist", param_hint="CONFIG")
     cfg = load_config(DrafterOPDConfig, config, overrides)
     click.echo("config: " + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)))
     summary = train_drafter(cfg, progress=not quiet)

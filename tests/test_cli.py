@@ -98,3 +98,10 @@ def test_train_command_reads_config_and_overrides(tmp_path):
     assert summary["steps"] == 2 and summary["tau_after"] is not None
     bad = CliRunner().invoke(main, ["train", str(config), "divergence=kl2"])
     assert bad.exit_code != 0 and "unknown divergence 'kl2'" in bad.output
+
+
+def test_train_without_a_file_takes_overrides_and_names_a_missing_file(tmp_path):
+    result = CliRunner().invoke(main, ["train", "stpes=3"])
+    assert result.exit_code != 0 and "unknown config keys ['stpes']" in result.output
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "nope.yaml")])
+    assert result.exit_code != 0 and "nope.yaml does not exist" in result.output
