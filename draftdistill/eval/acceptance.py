@@ -12,11 +12,11 @@ from draftdistill.spec import SamplingConfig, SpecStats, speculative_generate, t
 
 def decode_all(generate_one, prompt_ids: list[torch.Tensor], seed: int, desc: str, progress: bool) -> SpecStats:
     """Run ``generate_one(ids, generator)`` over every prompt (one seed per prompt) and merge stats."""
-    total = None
+    total = SpecStats()  # merge pads the per-position lists, so an empty start works for any gamma
     for i, ids in enumerate(tqdm(prompt_ids, desc=desc, disable=not progress, leave=False)):
         generator = torch.Generator(device=ids.device).manual_seed(seed + i)
         _, stats = generate_one(ids, generator)
-        total = stats if total is None else total.merge(stats)
+        total = total.merge(stats)
     return total
 
 

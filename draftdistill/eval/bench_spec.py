@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from draftdistill.spec import SamplingConfig
+from draftdistill.spec import SamplingConfig, SpecStats
 
 from .acceptance import speculative_stats, target_only
 from .hf_assisted import hf_generate_all
@@ -29,16 +29,15 @@ def run_spec_benchmark(target, drafters: dict, prompt_ids: list, *, temperatures
     rows = []
     for temperature in temperatures:
         sampling = SamplingConfig(temperature=temperature)
-        ours, hf, ours_base, hf_base = {}, {}, None, None
+        ours, hf = {name: SpecStats() for name in drafters}, {}
+        ours_base, hf_base = SpecStats(), None
         for i, ids in enumerate(tqdm(prompt_ids, desc=f"bench T={temperature:g}", disable=not progress)):
             one = dict(sampling=sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                        seed=seed + i, progress=False)
             hf_base = add_hf(hf_base, hf_generate_all(target, [ids], **one))
-            stats = target_only(target, [ids], **one)
-            ours_base = stats if ours_base is None else ours_base.merge(stats)
+            ours_base = ours_base.merge(target_only(target, [ids], **one))
             for name, drafter in drafters.items():
-                spec = speculative_stats(target, drafter, [ids], gamma=gamma, **one)
-                ours[name] = ours[name].merge(spec) if name in ours else spec
+                ours[name] = ours[name].merge(speculative_stats(target, drafter, [ids], gamma=gamma, **one))
                 hf[name] = add_hf(hf.get(name), hf_generate_all(target, [ids], drafter=drafter, gamma=gamma, **one))
         base = ours_base.to_dict()
         for name in drafters:
