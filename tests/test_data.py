@@ -66,3 +66,33 @@ def test_encode_without_chat_template_uses_plain_text():
     tok = make_tokenizer()
     prompt = load_prompts.__globals__["Prompt"]([{"role": "user", "content": "w1 w2"}])
     assert encode_prompt(tok, prompt).tolist() == [[4, 5]]
+
+
+def test_sharegpt_items_are_parsed_one_by_one_and_a_cut_last_item_is_dropped(tmp_path, monkeypatch):
+    from draftdistill.data import sharegpt
+
+    def conv(i, first="human"):
+        return {"id": f"c{i}", "conversations": [{"from": first, "value": f"question number {i} about things"},
+                                                  {"from": "gpt", "value": f"answer {i}"}]}
+    text = json.dumps([conv(i) for i in range(30)] + [conv(99, first="gpt")], indent=2)
+    cut = text + ',\n  {"id": "cut", "conversations": [{"from": "human", "val'
+    path = tmp_path / "sharegpt.json"
+    path.write_text(cut)
+    items = list(sharegpt.iter_items(path, chunk_chars=100))  # tiny chunks: items span reads
+    assert [item["id"] for item in items] == [f"c{i}" for i in range(30)] + ["c99"]
+    monkeypatch.setattr(sharegpt, "sharegpt_file", lambda: path)
+    every = load_prompts("sharegpt")
+    assert len(every) == 30 and every[4].reference == "answer 4"  # c99 starts with the assistant: skipped
+    heldout, train = load_prompts("sharegpt:heldout"), load_prompts("sharegpt:train")
+    assert len(heldout) + len(train) == 30 and not {p.meta["id"] for p in heldout} & {p.meta["id"] for p in train}
+    assert len(load_prompts("sharegpt:train", limit=3)) == 3
+
+
+def test_sharegpt_without_the_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from draftdistill.data import sharegpt
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"draftdistill\[chat\]"):
+        sharegpt.sharegpt_file()

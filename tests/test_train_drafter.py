@@ -93,3 +93,41 @@ def test_config_file_and_overrides(tmp_path):
                                                                                    "jsd:beta=0.5")
     with pytest.raises(ValueError, match="unknown config keys \\['stpes'\\]"):
         load_config(DrafterOPDConfig, path, ["stpes=3"])
+
+
+def test_config_numbers_in_exponent_form_and_wrong_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-4\nwarmup_steps: 2\n")  # YAML 1.1 reads 1e-4 as a string
+    assert load_config(DrafterOPDConfig, path, ["loss_temperature=2"]).lr == 1e-4
+    assert load_config(DrafterOPDConfig, path, ["lr=3e-3"]).lr == 3e-3
+    with pytest.raises(ValueError, match="'steps' expects int, got 'many'"):
+        load_config(DrafterOPDConfig, path, ["steps=many"])
+    with pytest.raises(ValueError, match="'lr' expects float"):
+        load_config(DrafterOPDConfig, path, ["lr=fast"])
+
+
+def test_target_responses_are_shared_through_the_cache_file(setup, tmp_path):
+    cache = tmp_path / "target.jsonl"
+    common = dict(mix_target=1.0, mix_drafter=0.0, steps=2, eval_every=100, save_every=2, target_cache=str(cache),
+                  prompt_limit=4)
+    train_drafter(config(setup, tmp_path / "first", **common), progress=False)
+    lines = cache.read_text().splitlines()
+    assert len(lines) == 4  # 2 steps x batch 2 over a pool of 4 prompts
+    with cache.open("a") as f:
+        f.write('{"key": "cut mid-wr')  # a killed writer's last line is skipped, not fatal
+    train_drafter(config(setup, tmp_path / "second", **common), progress=False)
+    assert cache.read_text().splitlines()[:4] == lines and len(cache.read_text().splitlines()) == 5
+    first = load_file(tmp_path / "first" / "checkpoint" / "drafter.safetensors")
+    second = load_file(tmp_path / "second" / "checkpoint" / "drafter.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    rows = [json.loads(l) for l in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    assert rows[-1]["target_rollout_tokens"] > 0  # read from the file, still counted in the budget
+
+
+@pytest.mark.parametrize("name", ["quickstart", "distillspec-tvd", "offline-fkl"])
+def test_shipped_training_recipes_load(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    cfg = load_config(DrafterOPDConfig, path)
+    assert isinstance(cfg.lr, float) and cfg.steps > 0 and cfg.out_dir.startswith("runs/")

@@ -91,15 +91,20 @@ def bundled_path(name: str) -> Path:
 
 
 def load_prompts(source: str = "gsm8k", split: str = "all", limit: int | None = None) -> list[Prompt]:
-    """Load prompts from a bundled name (``gsm8k`` or ``gsm8k:heldout``) or a file path.
+    """Load prompts from a bundled name (``gsm8k`` or ``gsm8k:heldout``), ``sharegpt[:split]``
+    (chat prompts, needs the ``chat`` extra) or a file path.
 
     The split applies to every source, so a user file also gets a stable held-out part.
     """
     name, _, split_in_name = source.partition(":")
-    if split_in_name and name in BUNDLED:
+    if split_in_name and (name in BUNDLED or name == "sharegpt"):
         split = split_in_name
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+    if name == "sharegpt" and not Path(source).exists():
+        from .sharegpt import load_sharegpt
+
+        return load_sharegpt(split, limit, split_of)
     path = bundled_path(name) if name in BUNDLED else Path(source).expanduser()
     prompts = read_prompt_file(path)
     if split != "all":

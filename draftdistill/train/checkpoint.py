@@ -67,16 +67,21 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer, sc
     return directory
 
 
+def load_weights(directory: str | Path, model: torch.nn.Module) -> None:
+    """Load a checkpoint's drafter weights into ``model`` (built the same way), in place."""
+    directory = Path(directory)
+    missing, unexpected = model.load_state_dict(load_file(directory / "drafter.safetensors"), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings, not stored
+    if missing or unexpected:
+        raise ValueError(f"{directory}: checkpoint does not match the drafter (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+
+
 def load_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
     """Restore weights, optimizer and scheduler in place; return the trainer state dict."""
     directory = Path(directory)
     state = json.loads((directory / "trainer_state.json").read_text())
-    weights = load_file(directory / "drafter.safetensors")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(f"{directory}: checkpoint does not match the drafter (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+    load_weights(directory, model)
     optimizer_from_flat(optimizer, load_file(directory / "optimizer.safetensors"), state.pop("optimizer"))
     scheduler.load_state_dict(state.pop("scheduler"))
     return state

@@ -25,7 +25,9 @@ from draftdistill.models import default_device, load_drafter, load_target
 from draftdistill.spec import SamplingConfig
 
 from .checkpoint import export_hf, load_checkpoint, save_checkpoint
-from .rollouts import RolloutSource, pad_batch, pick_source
+from .metrics import MetricsLog
+from .batching import pack, response_logits
+from .rollouts import RolloutSource, pick_source
 
 
 @dataclass
@@ -33,11 +35,13 @@ class DrafterOPDConfig:
     target: str = "smollm2-135m-instruct"
     drafter: str = "pruned:2"
     prompts: str = "gsm8k:train"
+    prompt_limit: int = 0  # use only the first N training prompts (0: all)
     eval_prompts: str = "gsm8k:heldout"
     divergence: str = "tvd"  # any registry spec, e.g. "fkl", "jsd:beta=0.5", "lk"
     mix_dataset: float = 0.0  # prefix-source weights (GKD lambda, generalised)
     mix_target: float = 0.0
     mix_drafter: float = 1.0
+    target_cache: str = ""  # JSONL file of target responses to reuse across runs ("" keeps them in memory)
     response_tokens: int = 48  # length of each response context
     rollout_temperature: float = 1.0  # sampling temperature of drafter/target responses
     loss_temperature: float = 1.0  # temperature of both distributions inside the divergence
@@ -74,35 +78,30 @@ def batch_indices(step: int, micro: int, cfg: DrafterOPDConfig, order: torch.Ten
     return [int(order[(start + i) % len(order)]) for i in range(cfg.batch_size)]
 
 
-def rejected_mask(student_logits, teacher_logits, ids, scored, generator) -> torch.Tensor:
-    """Positions where speculative sampling would reject the token in the context (OSD)."""
-    tokens = ids[:, 1:].unsqueeze(-1)
+def rejected_mask(student_logits, teacher_logits, batch, generator) -> torch.Tensor:
+    """Response positions where speculative sampling would reject the token in the context (OSD)."""
+    tokens = batch.targets.unsqueeze(-1)
     p = torch.softmax(teacher_logits.float(), -1).gather(-1, tokens).squeeze(-1)
     q = torch.softmax(student_logits.detach().float(), -1).gather(-1, tokens).squeeze(-1)
-    u = torch.rand(p.shape, generator=generator)
-    return scored & (u * q >= p).to(scored.device)
+    u = torch.rand(p.shape, generator=generator).to(p.device)
+    return batch.scored & (u * q >= p)
 
 
-class MetricsLog:
-    """JSONL always; TensorBoard when it is installed."""
-
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / "metrics.jsonl"
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-        except ImportError:
-            self.tb = None
-
-    def write(self, step: int, **values):
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.tb:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and value is not None:
-                    self.tb.add_scalar(key, value, step)
-            self.tb.flush()
+def accumulate_gradients(drafter, batches, teacher_logits, masks, loss_fn, temperature: float) -> dict:
+    """Backward over every micro-batch of a step. The loss is a sum over tokens divided by the
+    step's total number of loss tokens, so micro-batches of any size give the gradient of one big
+    batch (a per-micro-batch mean would overweight the short ones)."""
+    total_tokens = max(1, int(sum(m.sum() for m in masks)))
+    sums = {"loss": 0.0, "accept": 0.0, "agree": 0.0, "loss_tokens": total_tokens}
+    for batch, t_logits, mask in zip(batches, teacher_logits, masks):
+        s_logits = response_logits(drafter, batch)
+        loss = loss_fn(s_logits, t_logits, mask, temperature=temperature, reduction="sum")
+        (loss / total_tokens).backward()
+        sums["loss"] += float(loss.detach())
+        with torch.no_grad():  # training-time acceptance estimates over all response positions
+            sums["accept"] += float(acceptance_rate(s_logits, t_logits, batch.scored, reduction="sum"))
+            sums["agree"] += float(((s_logits.argmax(-1) == t_logits.argmax(-1)) & batch.scored).sum())
+    return sums
 
 
 def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
@@ -112,7 +111,7 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
 
     # Prompts first, so a malformed file fails before any model is loaded.
-    prompts = load_prompts(cfg.prompts)
+    prompts = load_prompts(cfg.prompts, limit=cfg.prompt_limit or None)
     eval_prompts = load_prompts(cfg.eval_prompts, limit=cfg.eval_num_prompts)
     # Models: a frozen target, a trainable drafter in float32 (its optimizer state too).
     target, tokenizer = load_target(cfg.target, device=device)
@@ -125,7 +124,8 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     eval_ids = [encode_prompt(tokenizer, p).to(device) for p in eval_prompts]
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
     rollouts = RolloutSource(target, drafter, tokenizer, prompts, prompt_ids, response_tokens=cfg.response_tokens,
-                             temperature=cfg.rollout_temperature, eos_token_id=eos, seed=cfg.seed)
+                             temperature=cfg.rollout_temperature, eos_token_id=eos, seed=cfg.seed,
+                             cache_path=cfg.target_cache or None, cache_tag=cfg.target)
     mix = {"dataset": cfg.mix_dataset, "target": cfg.mix_target, "drafter": cfg.mix_drafter}
     name, params = parse_divergence(cfg.divergence)
     loss_fn = get_divergence(name, **params)
@@ -168,34 +168,24 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
             drafter.eval()
             responses = [rollouts.response(i, pick_source(mix, generator), generator) for i in indices]
             drafter.train()
-            ids, attention, scored = pad_batch([prompt_ids[i][0].tolist() for i in indices], responses, pad_id)
-            batches.append((ids.to(device), attention.to(device), scored.to(device)))
+            batches.append(pack([prompt_ids[i][0].tolist() for i in indices], responses, pad_id).to(device))
 
-        # 2. Teacher scores, drafter forward, divergence at every scored position.
+        # 2. Teacher scores, drafter forward, divergence at every response position.
         with torch.no_grad():
-            teacher = [target(input_ids=ids, attention_mask=att).logits[:, :-1] for ids, att, _ in batches]
-            masks = [scored for _, _, scored in batches]
+            teacher = [response_logits(target, batch) for batch in batches]
+            masks = [batch.scored for batch in batches]
             if cfg.rejected_only:  # needs the drafter's q before any backward, to count the scored tokens
-                masks = [rejected_mask(drafter(input_ids=ids, attention_mask=att).logits[:, :-1], t_logits, ids,
-                                       scored, generator) for (ids, att, scored), t_logits in zip(batches, teacher)]
-        total_tokens = max(1, int(sum(m.sum() for m in masks)))
-        loss_sum, accept_sum, agree_sum = 0.0, 0.0, 0.0
+                masks = [rejected_mask(response_logits(drafter, batch), t_logits, batch, generator)
+                         for batch, t_logits in zip(batches, teacher)]
         optimizer.zero_grad(set_to_none=True)
-        for (ids, att, scored), t_logits, mask in zip(batches, teacher, masks):
-            s_logits = drafter(input_ids=ids, attention_mask=att).logits[:, :-1]
-            loss = loss_fn(s_logits, t_logits, mask, temperature=cfg.loss_temperature, reduction="sum")
-            (loss / total_tokens).backward()
-            loss_sum += float(loss.detach())
-            with torch.no_grad():  # training-time acceptance estimates over all response positions
-                accept_sum += float(acceptance_rate(s_logits, t_logits, scored, reduction="sum"))
-                agree_sum += float(((s_logits.argmax(-1) == t_logits.argmax(-1)) & scored).sum())
-        scored_tokens = max(1, int(sum(b[2].sum() for b in batches)))
+        sums = accumulate_gradients(drafter, batches, teacher, masks, loss_fn, cfg.loss_temperature)
+        scored_tokens = max(1, int(sum(b.scored.sum() for b in batches)))
         grad_norm = float(torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.max_grad_norm))
         optimizer.step()
         scheduler.step()
 
-        metrics = {"loss": loss_sum / total_tokens, "est_alpha": accept_sum / scored_tokens,
-                   "est_greedy_agreement": agree_sum / scored_tokens, "grad_norm": grad_norm,
+        metrics = {"loss": sums["loss"] / sums["loss_tokens"], "est_alpha": sums["accept"] / scored_tokens,
+                   "est_greedy_agreement": sums["agree"] / scored_tokens, "grad_norm": grad_norm,
                    "lr": scheduler.get_last_lr()[0], "scored_tokens": scored_tokens,
                    "target_rollout_tokens": rollouts.target_forward_tokens}
         log.write(step + 1, **metrics)

@@ -9,6 +9,10 @@ target scores all of them in one forward pass.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import torch
 
 from draftdistill.spec import SamplingConfig, target_generate
@@ -26,7 +30,8 @@ def pick_source(weights: dict[str, float], generator: torch.Generator) -> str:
 
 class RolloutSource:
     def __init__(self, target, drafter, tokenizer, prompts, prompt_ids, *, response_tokens: int,
-                 temperature: float, eos_token_id, seed: int = 0):
+                 temperature: float, eos_token_id, seed: int = 0, cache_path: str | Path | None = None,
+                 cache_tag: str = ""):
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
         self.prompts, self.prompt_ids = prompts, prompt_ids
         self.response_tokens = response_tokens
@@ -35,6 +40,27 @@ class RolloutSource:
         self.seed = seed
         self.target_cache: dict[int, list[int]] = {}  # prompt index -> cached target response
         self.target_forward_tokens = 0  # teacher tokens spent on rollouts (for equal-budget comparisons)
+        # Optional JSONL file of target responses shared by runs (arms of a benchmark, resumed runs):
+        # a line is used only when its key (target, prompt ids, length, temperature, seed) matches.
+        self.cache_path = Path(cache_path) if cache_path else None
+        self.cache_tag = cache_tag
+        self.stored = self._read_cache_file()
+
+    def _key(self, index: int) -> str:
+        what = [self.cache_tag, self.prompt_ids[index][0].tolist(), self.response_tokens,
+                self.sampling.temperature, self.seed, index]
+        return hashlib.sha1(json.dumps(what).encode()).hexdigest()
+
+    def _read_cache_file(self) -> dict[str, list[int]]:
+        stored = {}
+        if self.cache_path is not None and self.cache_path.is_file():
+            for line in self.cache_path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    stored[row["key"]] = [int(t) for t in row["tokens"]]
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue  # a line cut by a killed run: that response is generated again
+        return stored
 
     def response(self, index: int, source: str, generator: torch.Generator) -> list[int]:
         ids = self.prompt_ids[index]
@@ -43,10 +69,19 @@ class RolloutSource:
             return tokens.tolist()
         if source == "target":
             if index not in self.target_cache:
-                # Seeded by the prompt alone: the cached response is the same in a resumed run.
-                own = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-                tokens, _ = target_generate(self.target, ids, self.response_tokens, self.sampling, self.eos, own)
-                self.target_cache[index] = tokens.tolist()
+                key = self._key(index) if self.cache_path else None
+                if key in self.stored:
+                    self.target_cache[index] = self.stored[key]
+                else:
+                    # Seeded by the prompt alone: the cached response is the same in a resumed run.
+                    own = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+                    tokens, _ = target_generate(self.target, ids, self.response_tokens, self.sampling, self.eos, own)
+                    self.target_cache[index] = tokens.tolist()
+                    if self.cache_path is not None:
+                        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+                        with self.cache_path.open("a") as f:
+                            f.write(json.dumps({"key": key, "tokens": self.target_cache[index]}) + "\n")
+                # Counted whether generated now or read from the file: the budget is the same.
                 self.target_forward_tokens += len(self.target_cache[index])
             return self.target_cache[index]
         if source == "dataset":
@@ -56,17 +91,3 @@ class RolloutSource:
             return self.tokenizer(reference, add_special_tokens=False)["input_ids"][: self.response_tokens]
         raise ValueError(f"unknown prefix source {source!r}; choose from {SOURCES}")
 
-
-def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int):
-    """Right-padded [B, L] ids, attention mask, and a mask of the positions whose NEXT token is a
-    response token (where the drafter's prediction is scored), shape [B, L-1]."""
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    width = max(lengths)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    scored = torch.zeros((len(prompts), width - 1), dtype=torch.bool)
-    for row, (p, r) in enumerate(zip(prompts, responses)):
-        ids[row, : len(p) + len(r)] = torch.tensor(p + r)
-        attention[row, : len(p) + len(r)] = 1
-        scored[row, len(p) - 1: len(p) + len(r) - 1] = True
-    return ids, attention, scored
