@@ -221,5 +221,67 @@ def bench_spec(target, drafters, temperatures, prompts, num_prompts, max_new_tok
     click.echo(f"wrote {out} and {plot}")
 
 
+@bench.command("kernels")
+@click.option("--tokens", default=8192, show_default=True, help="Token positions (rows of logits) per call.")
+@click.option("--vocab", "vocabs", default="128256,151936", show_default=True,
+              help="Comma-separated vocabulary sizes; one kernels_<vocab>.json each.")
+@click.option("--divergences", default="fkl,rkl,jsd,tvd,neg_log_acceptance,lk,topk_tail,sampled_rkl",
+              show_default=True, help="Comma-separated divergences to time.")
+@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16", "fp32"]),
+              help="Logits dtype.")
+@click.option("--arms", default="fused,eager,compile,liger", show_default=True,
+              help="Comma-separated arms: fused (ours), eager, compile (torch.compile), liger (if importable).")
+@click.option("--repeats", default=20, show_default=True, help="Timed forward+backward runs; the median is reported.")
+@click.option("--warmup", default=3, show_default=True, help="Untimed runs first (compilation, autotuning, caches).")
+@click.option("--hidden", default=4096, show_default=True,
+              help="Hidden size of the fused linear + JSD rows; 0 leaves them out.")
+@click.option("--block-size", default=None, type=int, help="Vocabulary tile of the kernels (a power of two); default: their heuristic.")
+@click.option("--out-dir", default="benchmarks/results", show_default=True, help="Where kernels_<vocab>.json are written.")
+@click.option("--interpret", is_flag=True,
+              help="No GPU: a tiny CPU smoke run under TRITON_INTERPRET=1 that checks the fused path against "
+                   "the references; no timings, nothing written.")
+@fail_clearly
+def bench_kernels(tokens, vocabs, divergences, dtype, arms, repeats, warmup, hidden, block_size, out_dir, interpret):
+    """Fused divergence kernels vs eager PyTorch, torch.compile and Liger-Kernel: forward+backward time and peak
+    extra memory, beside the bandwidth floor."""
+    import os
+    import subprocess
+
+    names = [d.strip() for d in divergences.split(",") if d.strip()]
+    if interpret:  # a fresh process: the interpreter must be chosen before the kernels are imported
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        cmd = [sys.executable, "-m", "draftdistill.eval.bench_kernels", "--smoke", "--divergences", ",".join(names)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        click.echo(done.stdout, nl=False)
+        if done.returncode:
+            raise click.ClickException(f"smoke run failed:\n{done.stderr[-2000:]}")
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise click.ClickException("bench kernels times CUDA kernels and no GPU is visible; "
+                                   "--interpret runs a CPU smoke check without timings")
+    from draftdistill.eval.bench_kernels import ARMS, DTYPES, run_kernel_benchmark
+    from draftdistill.eval.machine import machine_info
+
+    arm_list = [a.strip() for a in arms.split(",") if a.strip()]
+    unknown = sorted(set(arm_list) - set(ARMS))
+    if unknown:
+        raise click.BadParameter(f"unknown arms {unknown}; known: {', '.join(ARMS)}", param_hint="--arms")
+    for vocab in (int(v) for v in vocabs.split(",")):
+        result = run_kernel_benchmark(tokens, vocab, names, DTYPES[dtype], arm_list, repeats=repeats,
+                                      warmup=warmup, hidden=hidden, block_size=block_size)
+        out = Path(out_dir) / f"kernels_{vocab}.json"
+        write_json(out, {"name": "kernels", "command": "draftdistill " + " ".join(sys.argv[1:]),
+                         "machine": machine_info("cuda"), **result})
+        click.echo(f"vocab {vocab}: bandwidth floor {result['bandwidth_floor_ms']:.2f} ms "
+                   f"({result['copy_bandwidth_gb_s']:.0f} GB/s copy)")
+        click.echo(f"{'divergence':<20} {'arm':<8} {'ms':>9} {'GiB':>7}")
+        for r in result["rows"]:
+            ms, gib = r.get("ms"), r.get("peak_extra_gib")
+            click.echo(f"{r['divergence']:<20} {r['arm']:<8} {fmt(ms, '9.2f')} {fmt(gib, '7.2f')} {r.get('error', '')}")
+        click.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":
     main()

@@ -4,8 +4,9 @@ Every divergence has the signature
     fn(student_logits [..., V], teacher, mask [...] = None, temperature = 1.0,
        reduction = "mean", **params) -> Tensor
 with `teacher` a logits Tensor, TeacherLogProbs, TeacherTopK or TeacherTokenLogProbs. Use the
-registry (`get_divergence`, `divergence`, `parse_divergence`) to pick one by name; it dispatches
-to fused CUDA kernels when kernels/ registers them in FUSED_KERNELS.
+registry (`get_divergence`, `divergence`, `parse_divergence`) to pick one by name; on CUDA
+tensors it dispatches to the fused Triton kernels in FUSED_KERNELS (draftdistill.kernels,
+registered on the first CUDA call, so importing the losses never imports Triton).
 """
 
 from .divergences import (acceptance_rate, fkl, jsd, lk, neg_log_acceptance, rkl, skew_fkl,

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -65,6 +66,23 @@ DIVERGENCES: dict[str, Divergence] = {d.name: d for d in [
 # name -> fused CUDA implementation with the same signature; kernels/ fills it in. Used only
 # for CUDA tensors, so the references above stay the CPU path and the ground truth in tests.
 FUSED_KERNELS: dict[str, Callable[..., Tensor]] = {}
+_kernels_loaded = False
+
+
+def fused_kernel(name: str) -> Callable[..., Tensor] | None:
+    """FUSED_KERNELS[name], registering draftdistill.kernels on the first call (the first CUDA
+    loss), so importing the losses never imports Triton. Without Triton the references serve."""
+    global _kernels_loaded
+    if not _kernels_loaded:
+        _kernels_loaded = True
+        try:
+            from draftdistill.kernels.dispatch import register
+        except ImportError as err:
+            warnings.warn(f"fused divergence kernels unavailable ({err}); using the PyTorch "
+                          f"references on CUDA", stacklevel=3)
+        else:
+            register()
+    return FUSED_KERNELS.get(name)
 
 
 def _lookup(name: str) -> Divergence:
@@ -98,7 +116,7 @@ def get_divergence(name: str, **params: Any) -> Callable[..., Tensor]:
     def loss_fn(student_logits: Tensor, teacher: Teacher, mask: Tensor | None = None,
                 temperature: float = 1.0, reduction: str = "mean", **call_params: Any) -> Tensor:
         _check_names(spec, call_params)
-        fn = FUSED_KERNELS.get(name) if student_logits.is_cuda else None
+        fn = fused_kernel(name) if student_logits.is_cuda else None
         return (fn or spec.fn)(student_logits, teacher, mask=mask, temperature=temperature,
                                reduction=reduction, **{**bound, **call_params})
 
