@@ -174,6 +174,36 @@ def train_command(config, overrides, quiet):
                f"plot: {cfg.out_dir}/alpha_per_position.png")
 
 
+
+@main.command("opd", context_settings={"ignore_unknown_options": True})
+@click.argument("config", required=False)
+@click.argument("overrides", nargs=-1)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@fail_clearly
+def opd_command(config, overrides, quiet):
+    """Distil a full LLM student on-policy: draftdistill opd CONFIG.yaml [key=value ...].
+
+    CONFIG is a recipe from configs/opd/ (tinker-opd, gkd, minillm, distillm, gopd, aopd,
+    entropy-switch, opsd-*, sdpo-feedback, mopd, opd-verifier; see configs/opd/README.md); each
+    key=value overrides one field (e.g. student=PATH teacher=PATH steps=200 objective=opd:clip=0.2).
+    Metrics go to OUT_DIR/metrics.jsonl, checkpoints to OUT_DIR/checkpoint (resumed when present),
+    the trained student to OUT_DIR/final (a plain HF directory).
+    """
+    from dataclasses import fields
+
+    from draftdistill.opd import OPDConfig, train_opd
+    from draftdistill.train import load_config as load_train_config
+
+    if config and "=" in config and not Path(config).is_file():  # no file given, only overrides
+        overrides, config = (config, *overrides), None
+    if config and not Path(config).is_file():
+        raise click.BadParameter(f"config file {config} does not exist", param_hint="CONFIG")
+    cfg = load_train_config(OPDConfig, config, overrides)
+    click.echo("config: " + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)))
+    summary = train_opd(cfg, progress=not quiet)
+    click.echo(f"trained {summary['steps']} steps ({cfg.objective}); student: {summary['final']}   "
+               f"metrics: {cfg.out_dir}/metrics.jsonl")
+
 @main.group()
 def bench():
     """Benchmarks that write benchmarks/results/*.json with command, machine, date and numbers."""
@@ -282,6 +312,14 @@ def bench_kernels(tokens, vocabs, divergences, dtype, arms, repeats, warmup, hid
             click.echo(f"{r['divergence']:<20} {r['arm']:<8} {fmt(ms, '9.2f')} {fmt(gib, '7.2f')} {r.get('error', '')}")
         click.echo(f"wrote {out}")
 
+
+def _add_serve():
+    from draftdistill.serving.cli import serve  # serving/ installs as draftdistill.serving
+
+    main.add_command(serve)
+
+
+_add_serve()
 
 if __name__ == "__main__":
     main()

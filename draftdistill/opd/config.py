@@ -1,0 +1,56 @@
+"""The one config of general on-policy distillation; every recipe in configs/opd/ sets a few keys."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class OPDConfig:
+    # --- models -----------------------------------------------------------------------------
+    student: str = "smollm2-135m-instruct"  # path / builtin name, or pruned:K / small:... built from the teacher
+    teacher: str = "smollm2-135m-instruct"  # path / builtin name, or "self" (OPSD: the student with privileged context)
+    teachers: dict = field(default_factory=dict)  # MOPD: route value -> teacher path (replaces `teacher`)
+    route_field: str = ""  # MOPD: the prompt-file field whose value picks the teacher
+    self_teacher: str = "frozen"  # OPSD teacher weights: frozen (initial student) | live (current) | ema
+    ema_decay: float = 0.99
+    teacher_refresh_every: int = 0  # OPSD frozen teacher: copy the student into it every N steps (CRISP); 0 never
+    privileged: str = "none"  # OPSD context: none | reference | concise | feedback
+    privileged_template: str = ""  # override the context text; placeholders {question} {reference} {feedback}
+    reference: str = ""  # G-OPD reference model: "" none | "student" (initial student) | a path
+    guard: str = "error"  # template / EOS mismatch between student and teacher: error | warn
+    mask_special_tokens: bool = True  # special tokens (not stop tokens) leave the loss
+    # --- data and rollouts ------------------------------------------------------------------------
+    prompts: str = "gsm8k:train"
+    prompt_limit: int = 0  # first N prompts only (0: all)
+    max_new_tokens: int = 64
+    rollout_temperature: float = 1.0
+    top_p: float = 1.0
+    group_size: int = 1  # samples per prompt (reward baselines are per group when > 1)
+    mix_student: float = 1.0  # GKD lambda: fraction of student samples; the rest are dataset answers
+    mix_schedule: str = "constant"  # constant | linear | adaptive (DistiLLM)
+    mix_student_start: float = 0.0  # linear / adaptive: the fraction at step 0
+    mix_schedule_steps: int = 0  # linear: steps to reach mix_student
+    adaptive_window: int = 4  # adaptive: steps per loss window
+    adaptive_delta: float = 0.25  # adaptive: increase of the student fraction when the loss rises
+    # --- teacher scores and objective -------------------------------------------------------------
+    teacher_scores: str = "logits"  # what the teacher returns: logits (full) | topk | token
+    teacher_topk: int = 20
+    objective: str = "opd"  # opd | divergence | minillm | aopd | entropy_switch, with :key=value params
+    divergence: str = "rkl"  # for objective "divergence": any losses registry spec, e.g. jsd:beta=0.5
+    loss_temperature: float = 1.0
+    importance_sampling: bool = True  # weight by q/q_sampler (the sampler's log-probs) in policy-gradient terms
+    verifier: str = ""  # "" | gsm8k: answer check for the reward and for SDPO feedback
+    reward_weight: float = 0.0  # weight of the verifier reward's policy-gradient term
+    # --- optimisation -----------------------------------------------------------------------------
+    steps: int = 50
+    batch_size: int = 4  # prompts per micro-batch (x group_size rows)
+    grad_accum: int = 1
+    lr: float = 1e-5
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int = 25
+    out_dir: str = "runs/opd"
+    resume: bool = True
+    seed: int = 0
+    device: str | None = None

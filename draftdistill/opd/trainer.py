@@ -1,0 +1,378 @@
+"""General on-policy distillation of a full LLM student, as one plain loop.
+
+    prompts -> student samples responses (or dataset answers, mixed by the GKD lambda)
+            -> each row's teacher scores the same tokens (its own template, maybe privileged context)
+            -> objective: a per-token loss over the response -> sum / step's loss tokens -> step
+
+Every objective (OPD, GKD, MiniLLM, DistiLLM, G-OPD, AOPD, entropy switch, OPSD, MOPD) is a
+config over this loop: configs/opd/*.yaml. All randomness of a step derives from (seed, step), and
+every piece of state (weights, optimizer, scheduler, mix schedule, EMA teacher) is checkpointed,
+so a resumed run repeats the next step exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from draftdistill.data import encode_prompt, load_prompts, stop_token_ids
+from draftdistill.models import default_device, load_drafter, load_model, load_target, load_tokenizer
+from draftdistill.models.loading import resolve_model_source
+from draftdistill.train.batching import pack, response_logits
+from draftdistill.train.checkpoint import export_hf, load_checkpoint, save_checkpoint
+from draftdistill.train.drafter_opd import batch_indices, lr_lambda
+from draftdistill.train.metrics import MetricsLog
+
+from .config import OPDConfig
+from .guard import PROBE, check_pair, loss_token_mask
+from .objectives import Micro, Objective, build_objective, reward_term
+from .rewards import FEEDBACK, REWARDS
+from .rollout import LocalSampler, LocalScorer, Sampler, Scorer, merge_scores
+from .teachers import (PRIVILEGED_KINDS, SELF_TEACHERS, attach_field, ema_update, frozen_copy,
+                       privileged_prompt)
+
+MIX_SCHEDULES = ("constant", "linear", "adaptive")
+
+
+# --- setup: check the config, guard the pair, load the models ------------------------------------
+
+
+def check_config(cfg: OPDConfig) -> Objective:
+    """Everything that can be refused without reading a model."""
+    if cfg.privileged not in PRIVILEGED_KINDS:
+        raise ValueError(f"privileged must be one of {PRIVILEGED_KINDS}, got {cfg.privileged!r}")
+    if cfg.self_teacher not in SELF_TEACHERS:
+        raise ValueError(f"self_teacher must be one of {SELF_TEACHERS}, got {cfg.self_teacher!r}")
+    if cfg.mix_schedule not in MIX_SCHEDULES:
+        raise ValueError(f"mix_schedule must be one of {MIX_SCHEDULES}, got {cfg.mix_schedule!r}")
+    if not 0.0 <= cfg.mix_student <= 1.0 or not 0.0 <= cfg.mix_student_start <= 1.0:
+        raise ValueError("mix_student and mix_student_start must be in [0, 1]")
+    if cfg.verifier and cfg.verifier not in REWARDS:
+        raise ValueError(f"unknown verifier {cfg.verifier!r}; known: {sorted(REWARDS)}")
+    if (cfg.reward_weight or cfg.privileged == "feedback") and not cfg.verifier:
+        raise ValueError("reward_weight > 0 and privileged=feedback need a verifier (e.g. verifier=gsm8k)")
+    if cfg.teachers and not cfg.route_field:
+        raise ValueError("several teachers (MOPD) need route_field: the prompt field that picks one")
+    if cfg.group_size < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.max_new_tokens < 1:
+        raise ValueError("group_size, batch_size, grad_accum and max_new_tokens must be >= 1")
+    objective = build_objective(cfg.objective, cfg.divergence, cfg.teacher_scores, cfg.importance_sampling)
+    if objective.needs_reference and not cfg.reference:
+        raise ValueError(f"objective {cfg.objective!r} needs a reference model: reference=student or a path")
+    return objective
+
+
+def model_info(spec: str):
+    """(tokenizer, stop ids, logit width) from a model's files, without loading its weights."""
+    from transformers import AutoConfig, GenerationConfig
+
+    source = resolve_model_source(spec)
+    tokenizer = load_tokenizer(source)
+    generation = vocab = None
+    try:
+        generation = GenerationConfig.from_pretrained(str(source.directory))
+    except (OSError, ValueError):
+        pass
+    try:
+        vocab = AutoConfig.from_pretrained(str(source.directory), gguf_file=source.gguf_file).vocab_size
+    except (OSError, ValueError):
+        pass
+    return tokenizer, stop_token_ids(tokenizer, SimpleNamespace(generation_config=generation)), vocab
+
+
+def is_built_student(spec: str) -> bool:
+    return spec.split(":", 1)[0] in ("pruned", "small")
+
+
+def load_models(cfg: OPDConfig, probes: list, device: str) -> SimpleNamespace:
+    """Guard every student/teacher pair on tokenizers and configs, then load the weights."""
+    specs = dict(cfg.teachers) if cfg.teachers else ({} if cfg.teacher == "self" else {"teacher": cfg.teacher})
+    built = is_built_student(cfg.student)
+    if built and len(specs) != 1:
+        raise ValueError(f"student {cfg.student!r} is built from one teacher; give a model path instead")
+    infos = {name: model_info(spec) for name, spec in specs.items()}
+    s_tok, s_stop, s_vocab = next(iter(infos.values())) if built else model_info(cfg.student)
+    if cfg.reference not in ("", "student"):
+        infos["reference"] = model_info(cfg.reference)
+    for name, (tok, stop, vocab) in infos.items():  # before any weights: a bad pair costs nothing
+        check_pair(s_tok, tok, s_stop, stop, s_vocab, vocab, cfg.guard, probes, name)
+
+    teachers = {name: load_target(spec, device=device)[0] for name, spec in specs.items()}
+    if built:
+        student = load_drafter(cfg.student, next(iter(teachers.values())), s_tok)
+    else:
+        student = load_model(resolve_model_source(cfg.student), torch.float32, device)
+    student = student.float().train().requires_grad_(True)
+    tokenizers = {name: infos[name][0] for name in specs}
+    stops = set(s_stop).union(*(set(infos[name][1]) for name in specs))
+    ema = None
+    if cfg.teacher == "self" and not cfg.teachers:
+        own = {"frozen": lambda: frozen_copy(student), "live": lambda: student, "ema": lambda: frozen_copy(student)}
+        teachers["self"], tokenizers["self"] = own[cfg.self_teacher](), s_tok
+        # Self-teachers that change during training are checkpointed with the student.
+        if cfg.self_teacher == "ema" or (cfg.self_teacher == "frozen" and cfg.teacher_refresh_every):
+            ema = teachers["self"]
+    reference = None
+    if cfg.reference == "student":
+        reference = frozen_copy(student)
+    elif cfg.reference:
+        reference = load_target(cfg.reference, device=device)[0]
+    return SimpleNamespace(student=student, tokenizer=s_tok, stop=s_stop, loss_stops=sorted(stops),
+                           teachers=teachers, tokenizers=tokenizers, reference=reference, ema=ema)
+
+
+# --- one step's pieces ---------------------------------------------------------------------------
+
+
+def mix_student_at(cfg: OPDConfig, step: int, state: dict) -> float:
+    """The student-sample fraction (GKD lambda) at this step: constant, linear ramp, or DistiLLM's
+    adaptive schedule (state['mix_student'], raised by adaptive_delta when the loss rises)."""
+    if cfg.mix_schedule == "constant":
+        return cfg.mix_student
+    if cfg.mix_schedule == "linear":
+        progress = min(1.0, step / max(1, cfg.mix_schedule_steps))
+        return cfg.mix_student_start + (cfg.mix_student - cfg.mix_student_start) * progress
+    return state.setdefault("mix_student", cfg.mix_student_start)
+
+
+def adapt_mix(cfg: OPDConfig, state: dict, loss: float) -> None:
+    """DistiLLM's adaptive off-policy -> on-policy schedule: every adaptive_window steps, when the
+    window's mean loss is above the previous window's, move adaptive_delta towards on-policy."""
+    if cfg.mix_schedule != "adaptive":
+        return
+    window = state.setdefault("loss_window", [])
+    window.append(loss)
+    if len(window) < cfg.adaptive_window:
+        return
+    mean = sum(window) / len(window)
+    previous = state.get("previous_window_loss")
+    if previous is not None and mean > previous:
+        state["mix_student"] = min(cfg.mix_student, state["mix_student"] + cfg.adaptive_delta)
+    state["previous_window_loss"], state["loss_window"] = mean, []
+
+
+def centred_rewards(rewards: list[float | None], group_size: int) -> list[float]:
+    """Reward minus a baseline: the group mean (group_size > 1) or the mean over the step's
+    student rows (group size 1); None (dataset rows) -> 0."""
+    out = [0.0] * len(rewards)
+    groups = [range(i, i + group_size) for i in range(0, len(rewards), group_size)] if group_size > 1 \
+        else [range(len(rewards))]
+    for group in groups:
+        values = [rewards[i] for i in group if rewards[i] is not None]
+        if values:
+            base = sum(values) / len(values)
+            for i in group:
+                if rewards[i] is not None:
+                    out[i] = rewards[i] - base
+    return out
+
+
+def accumulate(student, micros: list[Micro], objective: Objective, temperature: float,
+               reward_weight: float = 0.0) -> dict:
+    """Backward over every micro-batch of a step. Each loss is a sum over tokens divided by the
+    step's total loss tokens, so any split into micro-batches gives the gradient of one big batch."""
+    total = max(1, int(sum(int(m.mask.sum()) for m in micros)))
+    sums = {"loss": 0.0, "loss_tokens": total, "rkl_estimate": 0.0, "sampled_tokens": 0}
+    for micro in micros:
+        logits = response_logits(student, micro.batch)
+        loss_tokens, stats = objective.fn(logits, micro, temperature)
+        if reward_weight and micro.reward is not None:
+            loss_tokens = loss_tokens + reward_term(logits, micro, temperature, reward_weight)
+        loss = torch.where(micro.mask, loss_tokens, 0.0).sum()
+        (loss / total).backward()
+        sums["loss"] += float(loss.detach())
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + value
+        with torch.no_grad():  # the sampled reverse-KL estimate, log q - log p_T, on the student's own tokens
+            on_policy = micro.mask if micro.sampled is None else micro.mask & micro.sampled[:, None]
+            logq = torch.log_softmax(logits.detach().float() / temperature, -1).gather(
+                -1, micro.batch.targets[..., None]).squeeze(-1)
+            diff = logq - micro.teacher.token.logprobs.float()
+            sums["rkl_estimate"] += float(torch.where(on_policy, diff, 0.0).sum())
+            sums["sampled_tokens"] += int(on_policy.sum())
+    return sums
+
+
+def save_ema(out: Path, ema, step: int) -> None:
+    """EMA teacher weights beside the checkpoint, tagged by step (written before the checkpoint,
+    so the one a checkpoint needs always exists)."""
+    tmp = out / f".ema-{step}.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()
+               if k != "lm_head.weight" or not ema.config.tie_word_embeddings}, tmp)
+    os.replace(tmp, out / f"ema-{step}.safetensors")
+
+
+def drop_old_ema(out: Path, keep_step: int) -> None:
+    for path in out.glob("ema-*.safetensors"):
+        if path.name != f"ema-{keep_step}.safetensors":
+            path.unlink(missing_ok=True)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = None,
+              scorers: dict[str, Scorer] | None = None) -> dict:
+    """Run the recipe. `sampler` / `scorers` replace the in-process student sampler / teachers
+    (e.g. server backends); by default both run in this process."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = cfg.device or default_device()
+    torch.manual_seed(cfg.seed)
+
+    objective = check_config(cfg)  # before anything is read
+    prompts = load_prompts(cfg.prompts, limit=cfg.prompt_limit or None)
+    if cfg.route_field:
+        attach_field(prompts, cfg.prompts, cfg.route_field)
+        unknown = sorted({p.meta[cfg.route_field] for p in prompts} - set(cfg.teachers))
+        if unknown:
+            raise ValueError(f"prompts route to {unknown}, which are not in teachers {sorted(cfg.teachers)}")
+    m = load_models(cfg, [PROBE, prompts[0].messages], device)
+    student, tokenizer = m.student, m.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else m.stop[0]
+    sampler = sampler or LocalSampler(student, m.stop, pad_id, cfg.rollout_temperature, cfg.top_p)
+    scorers = scorers or {name: LocalScorer(model, pad_id) for name, model in m.teachers.items()}
+    ref_scorer = LocalScorer(m.reference, pad_id) if m.reference is not None else None
+    # Only what the objective reads: full logits [B, R, V] are the largest tensor of the step.
+    forms = {"logits": {"logits"}, "topk": {"topk"}, "token": set()}[cfg.teacher_scores]
+    if not objective.needs & {"dist", "full"}:
+        forms = set()
+
+    def route(prompt) -> str:
+        return prompt.meta[cfg.route_field] if cfg.route_field else next(iter(scorers))
+
+    student_ids = [encode_prompt(tokenizer, p)[0].tolist() for p in prompts]
+    teacher_ids: dict[tuple[int, str], list[int]] = {}  # cached unless the context depends on the response
+
+    def teacher_prompt(index: int, completion_text: str) -> list[int]:
+        name, prompt = route(prompts[index]), prompts[index]
+        if cfg.privileged == "feedback":
+            feedback = FEEDBACK[cfg.verifier](completion_text, prompt.reference)
+            return encode_prompt(m.tokenizers[name], privileged_prompt(prompt, "feedback", cfg.privileged_template,
+                                                                       feedback))[0].tolist()
+        if (index, name) not in teacher_ids:
+            shown = privileged_prompt(prompt, cfg.privileged, cfg.privileged_template)
+            teacher_ids[(index, name)] = encode_prompt(m.tokenizers[name], shown)[0].tolist()
+        return teacher_ids[(index, name)]
+
+    def dataset_response(index: int) -> list[int]:
+        reference = prompts[index].reference
+        if not reference:
+            raise ValueError(f"prompt {index} has no reference answer for dataset samples (mix_student < 1)")
+        tokens = tokenizer(reference, add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
+        return tokens + [m.stop[0]] if len(tokens) < cfg.max_new_tokens else tokens
+
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    state: dict = {"step": 0}
+    if cfg.resume and (out / "checkpoint" / "trainer_state.json").is_file():
+        state = load_checkpoint(out / "checkpoint", student, optimizer, scheduler)
+        if m.ema is not None:  # the EMA / refreshed self-teacher of that step
+            missing, unexpected = m.ema.load_state_dict(load_file(out / f"ema-{state['step']}.safetensors"),
+                                                        strict=False)
+            if [k for k in missing if k != "lm_head.weight"] or unexpected:
+                raise ValueError(f"{out}: self-teacher weights do not match (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]})")
+    log = MetricsLog(out)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="opd",
+               disable=not progress)
+    for step in bar:
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        mix = mix_student_at(cfg, step, state)
+
+        # 1. Rollouts for the whole step first: rewards are centred, and the loss normalised, over it.
+        rows = []  # per micro-batch: (prompt indices, responses, sampler log-probs or None, texts)
+        for micro in range(cfg.grad_accum):
+            indices = [i for i in batch_indices(step, micro, cfg, order) for _ in range(cfg.group_size)]
+            by_student = (torch.rand(len(indices), generator=generator) < mix).tolist()
+            chosen = [i for i, s in zip(indices, by_student) if s]
+            samples = iter(sampler.sample([student_ids[i] for i in chosen], cfg.max_new_tokens, generator)
+                           if chosen else [])
+            responses, logps = [], []
+            for index, own in zip(indices, by_student):
+                c = next(samples) if own else None
+                responses.append(c.tokens if own else dataset_response(index))
+                logps.append(c.logprobs if own else None)
+            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+            rows.append((indices, responses, logps, by_student, texts))
+        flat_rewards = [REWARDS[cfg.verifier](t, prompts[i].reference) if own and cfg.verifier else None
+                        for indices, _, _, owns, texts in rows for i, own, t in zip(indices, owns, texts)]
+        centred = iter(centred_rewards(flat_rewards, cfg.group_size))
+
+        # 2. Teacher (and reference) scores of the same tokens; loss masks.
+        micros = []
+        for indices, responses, logps, owns, texts in rows:
+            batch = pack([student_ids[i] for i in indices], responses, pad_id).to(device)
+            width = batch.scored.shape[1]
+            parts = []
+            for name, scorer in scorers.items():
+                mine = [r for r, i in enumerate(indices) if route(prompts[i]) == name]
+                if mine:
+                    parts.append((mine, scorer.score([teacher_prompt(indices[r], texts[r]) for r in mine],
+                                                     [responses[r] for r in mine], forms, cfg.teacher_topk,
+                                                     cfg.loss_temperature)))
+            teacher = merge_scores(parts, len(indices), width)
+            mask = batch.scored
+            if cfg.mask_special_tokens:
+                mask = loss_token_mask(batch.targets, batch.scored, tokenizer.all_special_ids, m.loss_stops)
+            old = None
+            if cfg.importance_sampling:
+                old = torch.full(batch.scored.shape, float("nan"))
+                for r, lp in enumerate(logps):
+                    if lp is not None:
+                        old[r, : len(lp)] = torch.tensor(lp)
+                old = old.to(device)
+            ref = None
+            if ref_scorer is not None:
+                ref = ref_scorer.score([student_ids[i] for i in indices], responses, set(), 1,
+                                       cfg.loss_temperature).token.logprobs
+            sampled = torch.tensor(owns, dtype=torch.bool, device=device)
+            reward = torch.tensor([next(centred) for _ in indices], device=device)
+            micros.append(Micro(batch, mask, teacher, old, ref, sampled, reward if cfg.verifier else None))
+
+        # 3. Student forward and backward, one optimizer step.
+        optimizer.zero_grad(set_to_none=True)
+        sums = accumulate(student, micros, objective, cfg.loss_temperature, cfg.reward_weight)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        if m.ema is not None and cfg.self_teacher == "ema":
+            ema_update(m.ema, student, cfg.ema_decay)
+        elif m.ema is not None and (step + 1) % cfg.teacher_refresh_every == 0:
+            m.ema.load_state_dict(student.state_dict())
+
+        loss_tokens = sums.pop("loss_tokens")
+        loss = sums.pop("loss") / loss_tokens
+        adapt_mix(cfg, state, loss)
+        sampled_tokens = max(1, sums.pop("sampled_tokens"))
+        all_rows = [r for (_, responses, _, _, _) in rows for r in responses]
+        rewards = [r for r in flat_rewards if r is not None]
+        metrics = {"loss": loss, "rkl_estimate": sums.pop("rkl_estimate") / sampled_tokens,
+                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "mix_student": mix,
+                   "response_tokens": sum(map(len, all_rows)) / len(all_rows),
+                   "loss_tokens": loss_tokens, **{k: v / loss_tokens for k, v in sums.items()}}
+        if rewards:
+            metrics["reward"] = sum(rewards) / len(rewards)
+        log.write(step + 1, **metrics)
+        bar.set_postfix(loss=f"{loss:.3f}", rkl=f"{metrics['rkl_estimate']:.3f}")
+        state["step"] = step + 1
+        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
+            if m.ema is not None:
+                save_ema(out, m.ema, state["step"])
+            save_checkpoint(out / "checkpoint", student, optimizer, scheduler, state)
+            drop_old_ema(out, state["step"])
+
+    export_hf(out / "final", student, tokenizer)
+    summary = {"steps": state["step"], "out_dir": str(out), "final": str(out / "final"),
+               "objective": cfg.objective}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

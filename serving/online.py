@@ -1,0 +1,230 @@
+"""Online distillation: learn the drafter from live traffic, push it, keep it only if it helps.
+
+    finished requests -> bounded buffer -> teacher scores -> a few drafter steps -> push version N
+      -> measure accept length over the next `window` requests served by N
+      -> keep N if it is not worse than N-1 over its window, else push N-1's weights back (rollback)
+
+The server's outputs never depend on the drafter (its decoder is lossless), so a bad version costs
+speed, never correctness. Examples older than `max_staleness` versions are dropped: their contexts
+were served by a drafter that no longer exists, which matters for OSD's rejected-position loss.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from draftdistill.losses import TeacherTopK, get_divergence, parse_divergence
+from draftdistill.losses.teacher import LOG_ZERO
+from draftdistill.train.batching import pack, response_logits
+from draftdistill.train.drafter_opd import rejected_mask
+
+from .backend import FinishedRequest, TrafficBackend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OnlineConfig:
+    divergence: str = "fkl"  # any registry spec
+    rejected_only: bool = False  # OSD: loss only where the served drafter's token would be rejected
+    lr: float = 3e-4
+    batch_size: int = 8
+    update_every: int = 16  # new examples needed before the next update
+    steps_per_update: int = 4
+    max_response_tokens: int = 64  # longer responses are cut (memory bound per example)
+    buffer_size: int = 256  # bounded: when full, new requests are refused (counted), not queued
+    max_staleness: int = 2  # drop examples served more than this many versions ago
+    window: int = 16  # requests served by a new version before it is judged
+    gate_margin: float = 0.0  # keep a version if its accept length >= previous - margin
+    seed: int = 0
+
+
+def stack_teacher(rows: list, width: int, device):
+    """Pad per-request teacher scores to [B, width, ...]: logits from an in-process target, or the
+    top-k log-probs a server returns (then use a divergence that takes TeacherTopK, e.g. topk_tail)."""
+    first = rows[0]
+    if isinstance(first, torch.Tensor):
+        out = first.new_zeros((len(rows), width, first.shape[-1]))
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
+        return out.to(device)
+    if isinstance(first, TeacherTopK):
+        k = first.ids.shape[-1]
+        ids = torch.zeros((len(rows), width, k), dtype=torch.long)
+        logprobs = torch.full((len(rows), width, k), LOG_ZERO)
+        for i, row in enumerate(rows):
+            ids[i, : len(row.ids)], logprobs[i, : len(row.ids)] = row.ids, row.logprobs
+        return TeacherTopK(ids.to(device), logprobs.to(device))
+    raise TypeError(f"online distillation needs teacher logits or TeacherTopK, got {type(first).__name__}")
+
+
+@dataclass
+class Version:
+    name: str
+    weights: dict[str, torch.Tensor]  # a CPU copy, to roll back to
+    index: int
+
+
+class OnlineDistiller:
+    def __init__(self, backend: TrafficBackend, drafter: torch.nn.Module, cfg: OnlineConfig = OnlineConfig()):
+        self.backend, self.cfg = backend, cfg
+        self.drafter = copy.deepcopy(drafter).float().train()  # trained here, pushed by copy
+        self.drafter.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(self.drafter.parameters(), lr=cfg.lr, weight_decay=0.0)
+        name, params = parse_divergence(cfg.divergence)
+        self.loss_fn = get_divergence(name, **params)
+        self.buffer: collections.deque[FinishedRequest] = collections.deque()
+        self.seen_since = 0.0
+        self.new_examples = 0
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        start = backend.draft_weight_version()
+        self.kept = Version(start, self._snapshot(), 0)  # the last version that passed the gate
+        self.indices = {start: 0}  # version name -> how many updates in it was made
+        self.candidate: Version | None = None  # pushed, waiting for its window
+        self.history: list[dict] = []  # one record per update / gate decision
+        self.counters = {"refused_full": 0, "dropped_stale": 0, "updates": 0, "rollbacks": 0, "errors": 0}
+
+    # ---- capture ----
+    def poll(self) -> int:
+        """Move newly finished requests into the buffer; returns how many were added."""
+        added = 0
+        for request in self.backend.finished_requests(self.seen_since):
+            self.seen_since = max(self.seen_since, request.finished_at)
+            if not request.output_ids:
+                continue
+            if len(self.buffer) >= self.cfg.buffer_size:
+                self.counters["refused_full"] += 1  # backpressure: memory stays bounded
+                continue
+            self.buffer.append(request)
+            added += 1
+        self.new_examples += added
+        return added
+
+    def _fresh_examples(self) -> list[FinishedRequest]:
+        newest = max(self.indices.values())
+        fresh = []
+        for request in self.buffer:  # a version we never pushed is the one we started from
+            if newest - self.indices.get(request.weight_version, 0) > self.cfg.max_staleness:
+                self.counters["dropped_stale"] += 1
+            else:
+                fresh.append(request)
+        self.buffer = collections.deque(fresh)
+        return fresh
+
+    # ---- training ----
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.drafter.state_dict().items()}
+
+    def train_steps(self) -> dict:
+        examples = self._fresh_examples()
+        if not examples:
+            return {}
+        device = next(self.drafter.parameters()).device
+        losses = []
+        for _ in range(self.cfg.steps_per_update):
+            picks = torch.randint(len(examples), (min(self.cfg.batch_size, len(examples)),), generator=self.generator)
+            chosen = [examples[int(i)] for i in picks]
+            responses = [r.output_ids[: self.cfg.max_response_tokens] for r in chosen]
+            batch = pack([r.prompt_ids for r in chosen], responses, pad_id=0).to(device)
+            teacher = stack_teacher([self.backend.teacher_logits(r.prompt_ids, response)
+                                     for r, response in zip(chosen, responses)], batch.scored.shape[1], device)
+            student = response_logits(self.drafter, batch)
+            mask = rejected_mask(student, teacher, batch, self.generator) if self.cfg.rejected_only else batch.scored
+            loss = self.loss_fn(student, teacher, mask, reduction="sum") / max(1, int(mask.sum()))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), 1.0)
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+        return {"loss": sum(losses) / len(losses), "examples": len(examples)}
+
+    # ---- push and gate ----
+    def push(self) -> Version:
+        index = (self.candidate or self.kept).index + 1
+        name = f"v{index}"
+        weights = self._snapshot()
+        self.backend.push_draft_weights(weights, name)
+        self.candidate = Version(name, weights, index)
+        self.indices[name] = index
+        return self.candidate
+
+    def _window(self, version: str) -> list[FinishedRequest]:
+        served = [r for r in self.buffer if r.weight_version == version and r.accept_length is not None]
+        return served[-self.cfg.window:]
+
+    @staticmethod
+    def _accept_length(requests: list[FinishedRequest]) -> float:
+        return sum(len(r.output_ids) for r in requests) / max(1, sum(r.verify_steps for r in requests))
+
+    def judge(self, reference: list[FinishedRequest]) -> str | None:
+        """Keep or roll back the candidate once it has served a full window; None while waiting."""
+        if self.candidate is None:
+            return None
+        served = [r for r in self.backend.finished_requests(0.0) if r.weight_version == self.candidate.name
+                  and r.accept_length is not None][-self.cfg.window:]
+        if len(served) < self.cfg.window:
+            return None
+        new, old = self._accept_length(served), self._accept_length(reference) if reference else 0.0
+        record = {"version": self.candidate.name, "accept_length": new, "previous": self.kept.name,
+                  "previous_accept_length": old, "at": time.time()}
+        if new >= old - self.cfg.gate_margin:
+            record["decision"] = "keep"
+            self.kept, self.candidate = self.candidate, None
+        else:
+            record["decision"] = "rollback"
+            self.counters["rollbacks"] += 1
+            restored = f"{self.kept.name}-restored-{self.candidate.index}"
+            self.backend.push_draft_weights(self.kept.weights, restored)
+            with torch.no_grad():  # train on from the kept weights, not the rejected ones
+                for name, tensor in self.drafter.state_dict().items():
+                    tensor.copy_(self.kept.weights[name])
+            self.optimizer.state.clear()
+            self.kept = Version(restored, self.kept.weights, self.candidate.index)
+            self.indices[restored] = self.candidate.index
+            self.candidate = None
+        self.history.append(record)
+        return record["decision"]
+
+    def reference_window(self) -> list[FinishedRequest]:
+        served = [r for r in self.backend.finished_requests(0.0) if r.weight_version == self.kept.name
+                  and r.accept_length is not None]
+        return served[-self.cfg.window:]
+
+    # ---- the loop ----
+    def step(self) -> dict:
+        """One pass of the loop: capture, judge a pending version, maybe train and push.
+        Server errors are logged and counted, never raised: serving goes on with the kept drafter."""
+        try:
+            self.poll()
+            if self.candidate is not None:
+                self.judge(self.reference_window())
+                return {}
+            if self.new_examples < self.cfg.update_every:
+                return {}
+            self.new_examples = 0
+            metrics = self.train_steps()
+            if metrics:
+                version = self.push()
+                self.counters["updates"] += 1
+                metrics["pushed"] = version.name
+                self.history.append({"version": version.name, "decision": "pushed", **metrics, "at": time.time()})
+            return metrics
+        except Exception as error:  # noqa: BLE001 - the distiller must outlive a failing server
+            self.counters["errors"] += 1
+            log.warning("online distiller step failed (%s); serving continues with %s", error, self.kept.name)
+            return {"error": str(error)}
+
+    def run_in_background(self, stop: threading.Event, interval: float = 0.5) -> threading.Thread:
+        def loop():
+            while not stop.is_set():
+                self.step()
+                stop.wait(interval)
+        thread = threading.Thread(target=loop, name="online-distiller", daemon=True)
+        thread.start()
+        return thread
