@@ -55,3 +55,45 @@ def serve_embedded(target, drafter, port, gamma, online, divergence, rejected_on
     finally:
         stop.set()
         server.server_close()
+
+
+@serve.command("attach")
+@click.option("--server", required=True, help="URL of a live SGLang server, e.g. http://127.0.0.1:30000.")
+@click.option("--drafter", required=True,
+              help="The draft model the server runs (an HF dir; the same one as --speculative-draft-model-path).")
+@click.option("--target", default=DEFAULT_TARGET, show_default=True,
+              help="The server's target, loaded here only for its tokenizer check and shared tensors.")
+@click.option("--log-dir", default=None, help="The server's JSON request-log folder (default: asked from /server_info).")
+@click.option("--divergence", default="topk_tail:k=20,base=fkl", show_default=True,
+              help="Online loss; the server returns top-k teacher log-probs, so a top-k divergence fits.")
+@click.option("--top-k", default=20, show_default=True, help="Teacher top-k log-probs requested per position.")
+@click.option("--lr", default=3e-4, show_default=True, help="Online learning rate.")
+@click.option("--update-every", default=16, show_default=True, help="New requests needed before each update.")
+@click.option("--window", default=16, show_default=True,
+              help="Requests a new draft version serves before it is kept or rolled back.")
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between distiller steps.")
+def serve_attach(server, drafter, target, log_dir, divergence, top_k, lr, update_every, window, interval):
+    """Attach the online distiller to a live SGLang server: learn the drafter from its request log,
+    push gated draft versions with selector "draft". Server errors are retried and counted, never fatal."""
+    import time
+
+    from draftdistill.models import load_drafter, load_target
+
+    from .online import OnlineConfig, OnlineDistiller
+    from .sglang_backend import SGLangBackend
+    from .sglang_client import SGLangClient
+
+    target_model, tokenizer = load_target(target, device="cpu")
+    drafter_model = load_drafter(drafter, target_model, tokenizer)  # refuses a different tokenizer first
+    backend = SGLangBackend(SGLangClient(server), log_dir, top_k=top_k, shared_with_target=target_model.state_dict())
+    distiller = OnlineDistiller(backend, drafter_model, OnlineConfig(divergence=divergence, lr=lr,
+                                                                     update_every=update_every, window=window))
+    click.echo(f"attached to {server}; press Ctrl-C to stop")
+    try:
+        while True:
+            metrics = distiller.step()
+            if metrics:
+                click.echo(f"{time.strftime('%H:%M:%S')} {metrics} counters={distiller.counters}")
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        click.echo(f"stopped; history: {distiller.history[-5:]}")

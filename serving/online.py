@@ -135,6 +135,8 @@ class OnlineDistiller:
             teacher = stack_teacher([self.backend.teacher_logits(r.prompt_ids, response)
                                      for r, response in zip(chosen, responses)], batch.scored.shape[1], device)
             student = response_logits(self.drafter, batch)
+            if self.cfg.rejected_only and not isinstance(teacher, torch.Tensor):
+                raise ValueError("rejected_only needs full teacher logits (an in-process target), not top-k scores")
             mask = rejected_mask(student, teacher, batch, self.generator) if self.cfg.rejected_only else batch.scored
             loss = self.loss_fn(student, teacher, mask, reduction="sum") / max(1, int(mask.sum()))
             self.optimizer.zero_grad(set_to_none=True)

@@ -149,3 +149,12 @@ def test_buffer_is_bounded_and_stale_examples_are_dropped():
     distiller.indices.update({"v1": 1, "v2": 2})  # two updates later, v0's examples are 2 versions old
     distiller.buffer[0] = FinishedRequest("new", PROMPTS[0], [4, 5], weight_version="v2", verify_steps=1)
     assert [r.rid for r in distiller._fresh_examples()] == ["new"] and distiller.counters["dropped_stale"] == 4
+
+
+def test_osd_rejected_only_update_trains_and_pushes():
+    engine = make_engine(random_drafter=True)
+    distiller = OnlineDistiller(engine, engine.drafter, OnlineConfig(rejected_only=True, update_every=4,
+                                                                     steps_per_update=2, lr=1e-2))
+    serve(engine, PROMPTS[:4])
+    metrics = distiller.step()
+    assert metrics["pushed"] == "v1" and metrics["loss"] > 0

@@ -69,3 +69,15 @@ def test_accumulated_gradients_equal_one_big_batch_gradient():
     for name in big:
         torch.testing.assert_close(micro[name], big[name], atol=1e-6, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in big.values())
+
+
+def test_rejected_mask_rejects_the_drafters_proposals_at_the_speculative_sampling_rate():
+    from draftdistill.train.drafter_opd import rejected_mask
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(1, 3, 6) * 2, torch.randn(1, 3, 6) * 2
+    batch = pack([[1]], [[2, 3, 4]], pad_id=0)
+    generator = torch.Generator().manual_seed(1)
+    rate = torch.stack([rejected_mask(student, teacher, batch, generator).float() for _ in range(4000)]).mean(0)
+    expected = 1 - torch.minimum(student.softmax(-1), teacher.softmax(-1)).sum(-1)
+    torch.testing.assert_close(rate, expected, atol=0.03, rtol=0)

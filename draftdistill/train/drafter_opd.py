@@ -79,12 +79,16 @@ def batch_indices(step: int, micro: int, cfg: DrafterOPDConfig, order: torch.Ten
 
 
 def rejected_mask(student_logits, teacher_logits, batch, generator) -> torch.Tensor:
-    """Response positions where speculative sampling would reject the token in the context (OSD)."""
-    tokens = batch.targets.unsqueeze(-1)
-    p = torch.softmax(teacher_logits.float(), -1).gather(-1, tokens).squeeze(-1)
-    q = torch.softmax(student_logits.detach().float(), -1).gather(-1, tokens).squeeze(-1)
-    u = torch.rand(p.shape, generator=generator).to(p.device)
-    return batch.scored & (u * q >= p)
+    """Response positions where the drafter's proposal would be rejected by speculative sampling
+    (OSD): draw x ~ q at each position, reject when u * q(x) >= p(x). The proposal is drawn here
+    rather than read from the context, which may be the dataset's or the target's token."""
+    q = torch.softmax(student_logits.detach().float(), -1)
+    p = torch.softmax(teacher_logits.float(), -1)
+    flat = q.reshape(-1, q.shape[-1]).cpu()
+    proposal = torch.multinomial(flat, 1, generator=generator).reshape(q.shape[:-1] + (1,)).to(q.device)
+    q_x, p_x = q.gather(-1, proposal).squeeze(-1), p.gather(-1, proposal).squeeze(-1)
+    u = torch.rand(q_x.shape, generator=generator).to(q.device)
+    return batch.scored & (u * q_x >= p_x)
 
 
 def accumulate_gradients(drafter, batches, teacher_logits, masks, loss_fn, temperature: float) -> dict:
