@@ -60,6 +60,8 @@ def parse_args(argv):
     ap.add_argument("--arms", default=",".join(arms()), help="comma-separated subset of the arms")
     ap.add_argument("--work-dir", default="runs/quality_drafter")
     ap.add_argument("--out", default="benchmarks/results/quality_drafter.json")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep arms already in --out (same settings) and add or replace the ones run now")
     return ap.parse_args(argv)
 
 
@@ -76,6 +78,19 @@ def evaluate(target, drafter, eval_sets, eos, args) -> dict:
     return results
 
 
+def merge_previous(previous: dict, result: dict) -> dict:
+    """Resume a benchmark cut off between arms: earlier arms count only if every setting that shapes them matches."""
+    per_run = {"arms", "out", "merge"}
+    old = {k: v for k, v in previous["settings"].items() if k not in per_run}
+    new = {k: v for k, v in result["settings"].items() if k not in per_run}
+    if old != new:
+        raise SystemExit(f"--merge: settings differ from {result['settings']['out']}: {old} vs {new}")
+    result["arms"] = dict(previous["arms"])
+    result["earlier_runs"] = previous.get("earlier_runs", []) + [
+        {"command": previous["command"], "machine": previous["machine"], "arms": list(previous["arms"])}]
+    return result
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
@@ -89,6 +104,8 @@ def main(argv=None):
 
     result = {"name": "quality_drafter", "command": "python benchmarks/quality_drafter.py " + " ".join(argv or sys.argv[1:]),
               "machine": machine_info("cpu"), "settings": vars(args), "arms": {}}
+    if args.merge and out.exists():
+        result = merge_previous(json.loads(out.read_text()), result)
     for arm in args.arms.split(","):
         recipe = arms()[arm]
         started = time.perf_counter()
@@ -105,7 +122,8 @@ def main(argv=None):
             train_rows = [r for r in rows if "loss" in r]
             train_summary.update(config=asdict(cfg), target_rollout_tokens=train_rows[-1]["target_rollout_tokens"],
                                  target_scored_tokens=sum(r["scored_tokens"] for r in train_rows),
-                                 final_loss=train_rows[-1]["loss"], final_est_alpha=train_rows[-1]["est_alpha"])
+                                 final_loss=train_rows[-1]["loss"], final_est_alpha=train_rows[-1]["est_alpha"],
+                                 est_alpha_last10=sum(r["est_alpha"] for r in train_rows[-10:]) / len(train_rows[-10:]))
             drafter = load_drafter(args.drafter, target, tokenizer)  # same init, then the final trained weights
             load_weights(work / arm / "checkpoint", drafter)
         train_seconds = time.perf_counter() - started
