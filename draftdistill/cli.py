@@ -143,6 +143,22 @@ def eval_command(target, drafter, prompts, num_prompts, max_new_tokens, gamma, t
         click.echo(f"wrote {plot}")
 
 
+def config_from_cli(config_class, config: str | None, overrides: tuple):
+    """CONFIG [key=value ...] -> the config dataclass (CONFIG may be left out: overrides only),
+    echoed so a run's log records every setting."""
+    from dataclasses import fields
+
+    from draftdistill.train import load_config
+
+    if config and "=" in config and not Path(config).is_file():  # no file given, only overrides
+        overrides, config = (config, *overrides), None
+    if config and not Path(config).is_file():
+        raise click.BadParameter(f"config file {config} does not exist", param_hint="CONFIG")
+    cfg = load_config(config_class, config, overrides)
+    click.echo("config: " + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)))
+    return cfg
+
+
 @main.command("train", context_settings={"ignore_unknown_options": True})
 @click.argument("config", required=False)
 @click.argument("overrides", nargs=-1)
@@ -156,16 +172,9 @@ def train_command(config, overrides, quiet):
     OUT_DIR/metrics.jsonl and OUT_DIR/tensorboard, checkpoints to OUT_DIR/checkpoint (resumed when
     present), the best drafter by held-out tau to OUT_DIR/best (a plain HF directory).
     """
-    from dataclasses import fields
+    from draftdistill.train import DrafterOPDConfig, train_drafter
 
-    from draftdistill.train import DrafterOPDConfig, load_config, train_drafter
-
-    if config and "=" in config and not Path(config).is_file():  # no file given, only overrides
-        overrides, config = (config, *overrides), None
-    if config and not Path(config).is_file():
-        raise click.BadParameter(f"config file {config} does not exist", param_hint="CONFIG")
-    cfg = load_config(DrafterOPDConfig, config, overrides)
-    click.echo("config: " + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)))
+    cfg = config_from_cli(DrafterOPDConfig, config, overrides)
     summary = train_drafter(cfg, progress=not quiet)
     click.echo(f"held-out tau before {fmt(summary['tau_before'])}, after {fmt(summary['tau_after'])}, "
                f"best {fmt(summary['best_tau'])}  (gamma {cfg.gamma}, T={cfg.eval_temperature:g}, "
@@ -189,17 +198,9 @@ def opd_command(config, overrides, quiet):
     Metrics go to OUT_DIR/metrics.jsonl, checkpoints to OUT_DIR/checkpoint (resumed when present),
     the trained student to OUT_DIR/final (a plain HF directory).
     """
-    from dataclasses import fields
-
     from draftdistill.opd import OPDConfig, train_opd
-    from draftdistill.train import load_config as load_train_config
 
-    if config and "=" in config and not Path(config).is_file():  # no file given, only overrides
-        overrides, config = (config, *overrides), None
-    if config and not Path(config).is_file():
-        raise click.BadParameter(f"config file {config} does not exist", param_hint="CONFIG")
-    cfg = load_train_config(OPDConfig, config, overrides)
-    click.echo("config: " + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)))
+    cfg = config_from_cli(OPDConfig, config, overrides)
     summary = train_opd(cfg, progress=not quiet)
     click.echo(f"trained {summary['steps']} steps ({cfg.objective}); student: {summary['final']}   "
                f"metrics: {cfg.out_dir}/metrics.jsonl")

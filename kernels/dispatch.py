@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from draftdistill.losses.reduce import check_reduction, position_mask, reduce_loss
-from draftdistill.losses.registry import DIVERGENCES, FUSED_KERNELS, _check_names, _lookup
+from draftdistill.losses.registry import DIVERGENCES, FUSED_KERNELS, resolve_params
 from draftdistill.losses.teacher import check_temperature
 
 from . import logits_divergence, sampled_rkl, topk_tail
@@ -61,11 +61,7 @@ def fused_divergence(name: str, student_logits: Tensor, teacher, mask: Tensor | 
                      temperature: float = 1.0, reduction: str = "mean", *,
                      block_size: int | None = None, **params: Any) -> Tensor:
     """Divergence `name` through the kernels where they apply, else through the reference."""
-    spec = _lookup(name)
-    _check_names(spec, params)
-    params = {**spec.defaults, **params}
-    if spec.check is not None:
-        spec.check(**params)
+    spec, params = resolve_params(name, params)
     check_temperature(temperature)
     check_reduction(reduction)
     op = OPS[name]

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from draftdistill.losses.reduce import check_reduction, position_mask, reduce_loss
-from draftdistill.losses.registry import _check_names, _lookup, divergence
+from draftdistill.losses.registry import _lookup, divergence, resolve_params
 from draftdistill.losses.teacher import check_temperature, compute_dtype
 
 from ._common import flatten_teacher, kernels_can_run, slice_teacher
@@ -160,11 +160,7 @@ def fused_linear_divergence(name: str, hidden: Tensor, weight: Tensor, teacher,
     hidden [..., H], weight [V, H]; teacher: a logits Tensor, TeacherLogProbs, TeacherTopK or
     TeacherTokenLogProbs over the same positions, or TeacherHidden.
     """
-    spec = _lookup(name)
-    _check_names(spec, params)
-    params = {**spec.defaults, **params}
-    if spec.check is not None:
-        spec.check(**params)
+    spec, params = resolve_params(name, params)
     check_temperature(temperature)
     check_reduction(reduction)
     if chunk_size is not None and chunk_size < 1:

@@ -9,12 +9,11 @@ the PPO clip act on N scalars only and are computed here in PyTorch, h by autogr
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
-from draftdistill.losses.sampled import sampled_token_advantage
+from draftdistill.losses.sampled import clipped_policy_loss, sampled_token_advantage
 from draftdistill.losses.teacher import LOG_ZERO, TeacherTokenLogProbs
 
 from .row_softmax import row_lse, scaled_softmax
@@ -30,15 +29,9 @@ def supports(shape: torch.Size, teacher, params: dict) -> bool:
 def policy_loss(logq: Tensor, teacher_lp: Tensor, old: Tensor | None, clip: float | None,
                 max_weight: float | None) -> Tensor:
     """Per-token loss from log q(x), the same steps as the reference (see its docstring)."""
-    adv = sampled_token_advantage(logq, teacher_lp)
     log_ratio = torch.zeros_like(logq) if old is None else logq.detach() - old
-    if max_weight is not None:
-        log_ratio = log_ratio.clamp(max=math.log(max_weight))
-    ratio = torch.exp(logq - logq.detach() + log_ratio)
-    loss = -ratio * adv
-    if old is not None and clip is not None:
-        loss = torch.maximum(loss, -ratio.clamp(1 - clip, 1 + clip) * adv)
-    return loss
+    return clipped_policy_loss(logq, sampled_token_advantage(logq, teacher_lp), log_ratio,
+                               clip if old is not None else None, max_weight)
 
 
 def loss_and_grad(name: str, x: Tensor, teacher: TeacherTokenLogProbs, keep: Tensor,

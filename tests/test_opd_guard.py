@@ -1,7 +1,6 @@
 """The student/teacher guard: refuse template, EOS and vocabulary mismatches before any compute;
 keep special tokens (but not stop tokens) out of the loss."""
 import json
-import warnings
 
 import pytest
 import torch

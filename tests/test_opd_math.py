@@ -8,7 +8,7 @@ import torch
 from draftdistill.losses import TeacherTokenLogProbs, TeacherTopK, get_divergence
 from draftdistill.opd.objectives import Micro, build_objective, parse_spec
 from draftdistill.opd.rewards import extract_answer, gsm8k_feedback, gsm8k_reward
-from draftdistill.opd.rollout import TeacherScores, scores_from_logits
+from draftdistill.opd.rollout import scores_from_logits
 from draftdistill.opd.token_losses import (aopd_loss, entropy_switch_loss, future_rewards,
                                            policy_gradient_loss, teacher_entropy, token_log_probs)
 from draftdistill.opd.trainer import OPDConfig, adapt_mix, centred_rewards, mix_student_at

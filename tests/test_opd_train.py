@@ -13,7 +13,7 @@ from draftdistill.spec import SamplingConfig, target_generate
 from draftdistill.train import load_config
 from draftdistill.train.batching import pack, response_logits
 from draftdistill.opd.trainer import accumulate
-from tiny import make_llama, save_model_dir
+from tiny import kill_at_optimizer_step, make_llama, save_model_dir
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "opd").glob("*.yaml"))
 
@@ -126,20 +126,8 @@ def test_killed_run_resumes_exactly(setup, monkeypatch):
     train_opd(config(setup, "straight", **kw), progress=False)
     root = setup[0]
     expected = load_file(root / "straight" / "checkpoint" / "drafter.safetensors")
-    calls = {"n": 0}
-    original = torch.optim.AdamW.step
-
-    def dies_on_third_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed")
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", dies_on_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        train_opd(config(setup, "killed", **kw), progress=False)
+    kill_at_optimizer_step(monkeypatch, lambda: train_opd(config(setup, "killed", **kw), progress=False))
     assert json.loads((root / "killed" / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
-    monkeypatch.setattr(torch.optim.AdamW, "step", original)
     train_opd(config(setup, "killed", **kw), progress=False)
     resumed = load_file(root / "killed" / "checkpoint" / "drafter.safetensors")
     for key in expected:

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from draftdistill.train import DrafterOPDConfig, load_config, train_drafter
-from tiny import save_model_dir
+from tiny import kill_at_optimizer_step, save_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -63,21 +63,9 @@ def test_killed_run_resumes_exactly(setup, monkeypatch):
     train_drafter(config(setup, root / "straight"), progress=False)
     expected = load_file(root / "straight" / "checkpoint" / "drafter.safetensors")
 
-    calls = {"n": 0}
-    original = torch.optim.AdamW.step
-
-    def dies_on_third_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed")
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", dies_on_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        train_drafter(config(setup, root / "killed"), progress=False)
+    kill_at_optimizer_step(monkeypatch, lambda: train_drafter(config(setup, root / "killed"), progress=False))
     state = json.loads((root / "killed" / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 2  # the checkpoint written before the kill is intact
-    monkeypatch.setattr(torch.optim.AdamW, "step", original)
     train_drafter(config(setup, root / "killed"), progress=False)
     resumed = load_file(root / "killed" / "checkpoint" / "drafter.safetensors")
     assert resumed.keys() == expected.keys()

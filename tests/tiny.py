@@ -33,3 +33,23 @@ def save_model_dir(path: Path, layers=2, seed=0, words=WORDS) -> Path:
     make_llama(len(words), layers=layers, seed=seed).save_pretrained(path)
     make_tokenizer(words).save_pretrained(path)
     return path
+
+
+def kill_at_optimizer_step(monkeypatch, run, n: int = 3) -> None:
+    """Run `run()` with AdamW.step raising KeyboardInterrupt on its n-th call (a killed process),
+    check that it was killed, and restore the real step."""
+    import pytest
+
+    calls = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def dies_on_nth_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("killed")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dies_on_nth_step)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)

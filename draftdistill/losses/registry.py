@@ -99,6 +99,17 @@ def _check_names(spec: Divergence, params: dict[str, Any]) -> None:
                          f"its parameters: {known}")
 
 
+def resolve_params(name: str, params: dict[str, Any]):
+    """(spec, the divergence's defaults overridden by `params`), refused now when a name is unknown
+    or a value is out of range."""
+    spec = _lookup(name)
+    _check_names(spec, params)
+    bound = {**spec.defaults, **params}
+    if spec.check is not None:
+        spec.check(**bound)
+    return spec, bound
+
+
 def get_divergence(name: str, **params: Any) -> Callable[..., Tensor]:
     """The divergence `name` with `params` bound and checked now (not at the first step).
 
@@ -107,11 +118,7 @@ def get_divergence(name: str, **params: Any) -> Callable[..., Tensor]:
     call_params (e.g. sampled_rkl's per-batch `old_logprobs`) override the bound ones. On CUDA
     tensors it uses FUSED_KERNELS[name] when one is registered.
     """
-    spec = _lookup(name)
-    _check_names(spec, params)
-    bound = {**spec.defaults, **params}
-    if spec.check is not None:
-        spec.check(**bound)
+    spec, bound = resolve_params(name, params)
 
     def loss_fn(student_logits: Tensor, teacher: Teacher, mask: Tensor | None = None,
                 temperature: float = 1.0, reduction: str = "mean", **call_params: Any) -> Tensor:

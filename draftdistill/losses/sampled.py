@@ -81,13 +81,21 @@ def sampled_rkl(student_logits: Tensor, teacher: Teacher, mask: Tensor | None = 
             raise ValueError(f"old_logprobs {tuple(old_logprobs.shape)} must be {tuple(shape)}")
         old = torch.where(keep, old_logprobs.detach().to(dtype), 0.0)
         log_ratio = logq.detach() - old
+    loss = clipped_policy_loss(logq, adv, log_ratio, clip if old_logprobs is not None else None, max_weight)
+    return reduce_loss(loss, keep, reduction)
+
+
+def clipped_policy_loss(logq: Tensor, advantage: Tensor, log_ratio: Tensor, clip: float | None,
+                        max_weight: float | None) -> Tensor:
+    """Per-token -min(ratio * A, clip(ratio, 1-c, 1+c) * A) (or -ratio * A when clip is None),
+    where log_ratio = sg(log q) - old log-probs (zeros on-policy) and max_weight truncates the
+    ratio's value. Shared by sampled_rkl, the OPD objectives and the sampled-RKL kernel."""
     if max_weight is not None:
         log_ratio = log_ratio.clamp(max=math.log(max_weight))
     # Value exp(log_ratio); gradient ratio * grad log q. Built in log-space so a large
     # log-ratio cannot make inf / inf.
     ratio = torch.exp(logq - logq.detach() + log_ratio)
-
-    loss = -ratio * adv
-    if old_logprobs is not None and clip is not None:
-        loss = torch.maximum(loss, -ratio.clamp(1 - clip, 1 + clip) * adv)
-    return reduce_loss(loss, keep, reduction)
+    loss = -ratio * advantage
+    if clip is not None:
+        loss = torch.maximum(loss, -ratio.clamp(1 - clip, 1 + clip) * advantage)
+    return loss

@@ -5,12 +5,12 @@ All take student logits [B, R, V] (or log-probs [B, R]) and return one value per
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
 from draftdistill.losses import TeacherTokenLogProbs, TeacherTopK, get_divergence, student_log_probs
+from draftdistill.losses.sampled import clipped_policy_loss
 from draftdistill.losses.teacher import teacher_log_probs
 
 
@@ -34,12 +34,7 @@ def policy_gradient_loss(logq: Tensor, advantage: Tensor, mask: Tensor, old_logp
     else:
         old = torch.where(torch.isnan(old_logprobs) | ~mask, logq.detach(), old_logprobs.to(logq.dtype))
         log_ratio = logq.detach() - old
-    if max_weight is not None:
-        log_ratio = log_ratio.clamp(max=math.log(max_weight))
-    ratio = torch.exp(logq - logq.detach() + log_ratio)
-    loss = -ratio * advantage
-    if old_logprobs is not None and clip is not None:
-        loss = torch.maximum(loss, -ratio.clamp(1 - clip, 1 + clip) * advantage)
+    loss = clipped_policy_loss(logq, advantage, log_ratio, clip if old_logprobs is not None else None, max_weight)
     return torch.where(mask, loss, 0.0)
 
 
