@@ -137,7 +137,7 @@ def main(argv=None):
             rows = [r for r in rows if "loss" in r]
             train = {"teacher_scored_tokens": int(sum(r["loss_tokens"] for r in rows)),
                      "first_loss": rows[0]["loss"], "final_loss": rows[-1]["loss"],
-                     "final_rkl_estimate": rows[-1]["rkl_estimate"]}
+                     "final_rkl_estimate": rows[-1].get("rkl_estimate")}
             load_weights(work / arm / "checkpoint", student)
         train_seconds = time.perf_counter() - started
         student = student.float().eval()

@@ -177,15 +177,14 @@ def test_objective_parsing_and_teacher_information_checks():
 def test_mix_schedules_linear_and_distillm_adaptive():
     cfg = OPDConfig(mix_schedule="linear", mix_student_start=0.2, mix_student=1.0, mix_schedule_steps=4)
     assert [mix_student_at(cfg, s, {}) for s in (0, 2, 4, 8)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
-    cfg = OPDConfig(mix_schedule="adaptive", mix_student_start=0.0, mix_student=1.0, adaptive_window=2,
-                    adaptive_delta=0.25)
+    cfg = OPDConfig(mix_schedule="adaptive", mix_student_start=0.0, mix_student=0.6, adaptive_delta=0.25)
     state = {}
     seen = []
-    for loss in [2.0, 2.0, 1.0, 1.0, 3.0, 3.0, 1.0, 1.0, 2.0, 2.0]:
+    for validation_loss in [2.0, 1.0, 3.0, 1.0, 2.0, 2.5]:
         seen.append(mix_student_at(cfg, 0, state))
-        adapt_mix(cfg, state, loss)
-    # window means 2, 1 (fell: stay), 3 (rose: +0.25), 1 (fell), 2 (rose: +0.25)
-    assert seen == [0, 0, 0, 0, 0, 0, 0.25, 0.25, 0.25, 0.25] and state["mix_student"] == 0.5
+        adapt_mix(cfg, state, validation_loss)
+    # 2, 1 (fell: stay), 3 (rose: +0.25), 1 (fell), 2 (rose: +0.25), 2.5 (rose: capped at mix_student)
+    assert seen == [0, 0, 0, 0.25, 0.25, 0.5] and state["mix_student"] == 0.6
 
 
 def test_rewards_and_baselines():

@@ -7,8 +7,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from draftdistill.data import encode_prompt, load_prompts
+from draftdistill.models import load_tokenizer
+from draftdistill.models.loading import resolve_model_source
 from draftdistill.opd import LocalSampler, LocalScorer, Micro, OPDConfig, build_objective, train_opd
-from draftdistill.opd.rollout import SGLangScorer, merge_scores, sglang_parse_scores, sglang_score_request, scores_from_lists
+from draftdistill.opd.rollout import merge_scores, scores_from_lists
 from draftdistill.spec import SamplingConfig, target_generate
 from draftdistill.train import load_config
 from draftdistill.train.batching import pack, response_logits
@@ -70,21 +73,13 @@ def test_scorer_forms_merge_and_server_parsing():
     merged = merge_scores(parts, 2, 3)
     torch.testing.assert_close(merged.token.logprobs[0], full.token.logprobs[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(merged.token.logprobs[1, :1], full.token.logprobs[1, :1], atol=1e-5, rtol=0)
-    # SGLang: request body and reply parsing (input_token_logprobs starts at P - 1 with a null).
-    body = sglang_score_request([1, 5], [8, 9], top_k=2)
-    assert body["logprob_start_len"] == 1 and body["input_ids"] == [1, 5, 8, 9]
-    meta = {"input_token_logprobs": [[None, 5, None], [-0.5, 8, None], [-1.5, 9, None]],
-            "input_top_logprobs": [None, [[-0.5, 8, None], [-1.0, 3, None]], [[-0.2, 4, None], [-1.5, 9, None]]]}
-    token, top = sglang_parse_scores(meta, [8, 9], top_k=2)
-    assert token == [-0.5, -1.5] and top[1] == ([4, 9], [-0.2, -1.5])
-    scores = scores_from_lists([token], [top], [[8, 9]])
-    assert scores.token.logprobs.tolist() == [[-0.5, -1.5]] and scores.topk.ids.tolist() == [[[8, 3], [4, 9]]]
-    sent = []
-    server = SGLangScorer("http://teacher:30000/", post=lambda url, body: sent.append((url, body)) or
-                          {"meta_info": meta})
-    scores = server.score([[1, 5]], [[8, 9]], {"topk"}, 2, 1.0)
-    assert sent[0][0] == "http://teacher:30000/generate" and sent[0][1]["top_logprobs_num"] == 2
-    torch.testing.assert_close(scores.topk.logprobs, torch.tensor([[[-0.5, -1.0], [-0.2, -1.5]]]))
+    # Server scores (per row, per position) padded into the same [B, R] layout.
+    token = [[-0.5, -1.5], [-0.25]]
+    top = [[([8, 3], [-0.5, -1.0]), ([4, 9], [-0.2, -1.5])], [([10, 3], [-0.25, -2.0])]]
+    scores = scores_from_lists(token, top, [[8, 9], [10]])
+    assert scores.token.logprobs.tolist() == [[-0.5, -1.5], [-0.25, 0.0]]
+    assert scores.token.token_ids.tolist() == [[8, 9], [10, 0]]
+    assert scores.topk.ids.tolist() == [[[8, 3], [4, 9]], [[10, 3], [0, 0]]]
 
 
 @pytest.mark.parametrize("objective,divergence", [("opd", "rkl"), ("divergence", "jsd:beta=0.5"),
@@ -122,7 +117,7 @@ def test_killed_run_resumes_exactly(setup, monkeypatch):
     # An EMA self-teacher and DistiLLM's adaptive schedule: both are state that must survive a kill.
     kw = dict(teacher="self", self_teacher="ema", ema_decay=0.5, privileged="reference", objective="divergence",
               divergence="skew_rkl:alpha=0.1", mix_schedule="adaptive", mix_student_start=0.5, adaptive_window=1,
-              adaptive_delta=0.25, steps=4, save_every=2)
+              adaptive_delta=0.25, adaptive_validation=4, steps=4, save_every=2)
     train_opd(config(setup, "straight", **kw), progress=False)
     root = setup[0]
     expected = load_file(root / "straight" / "checkpoint" / "drafter.safetensors")
@@ -177,7 +172,54 @@ def test_gkd_lambda_zero_trains_on_dataset_answers_only(setup):
     train_opd(config(setup, "gkd0", objective="divergence", divergence="jsd:beta=0.5", mix_student=0.0, steps=1),
               progress=False)
     row = json.loads((setup[0] / "gkd0" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert row["mix_student"] == 0.0 and row["rkl_estimate"] == 0.0  # no student samples to estimate on
+    assert row["mix_student"] == 0.0 and "rkl_estimate" not in row  # no student samples to estimate on
+
+
+def test_sft_is_the_dataset_answers_negative_log_likelihood(setup):
+    from transformers import AutoModelForCausalLM
+
+    root, _, student, _, prompts = setup
+    with pytest.raises(ValueError, match="teacher=none"):
+        train_opd(config(setup, "sft-bad", objective="sft", mix_student=0.0), progress=False)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        train_opd(config(setup, "sft-bad", teacher="none"), progress=False)
+    with pytest.raises(ValueError, match="mix_student=0"):
+        train_opd(config(setup, "sft-bad", objective="sft", teacher="none"), progress=False)
+    # Both prompts in the one step's batch: the logged loss is their mean token NLL at the initial weights.
+    train_opd(config(setup, "sft", objective="sft", teacher="none", mix_student=0.0, prompt_limit=2,
+                     max_new_tokens=32, steps=1), progress=False)
+    row = json.loads((root / "sft" / "metrics.jsonl").read_text().splitlines()[0])
+    tokenizer, model = load_tokenizer(resolve_model_source(str(student))), AutoModelForCausalLM.from_pretrained(student).float()
+    rows = load_prompts(str(prompts), limit=2)
+    answers = [tokenizer(p.reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in rows]
+    batch = pack([encode_prompt(tokenizer, p)[0].tolist() for p in rows], answers, tokenizer.eos_token_id)
+    with torch.no_grad():
+        logp = torch.log_softmax(response_logits(model, batch), -1).gather(-1, batch.targets[..., None])[..., 0]
+    # Special tokens other than the stop token ("####" is <unk> in the tiny vocabulary) leave the loss.
+    special = torch.tensor([t for t in tokenizer.all_special_ids if t != tokenizer.eos_token_id])
+    mask = batch.scored & ~torch.isin(batch.targets, special)
+    assert row["loss"] == pytest.approx(float(-logp[mask].mean()), rel=1e-5)
+    assert row["loss_tokens"] == int(mask.sum()) and "rkl_estimate" not in row
+
+
+def test_distillm_schedule_watches_held_out_prompts(setup):
+    root = setup[0]
+    seen = Recording(LocalScorer(make_llama(layers=2, seed=0), 2))
+    train_opd(config(setup, "distillm", objective="divergence", divergence="skew_rkl:alpha=0.1",
+                     mix_schedule="adaptive", mix_student_start=0.0, adaptive_window=2, adaptive_validation=4,
+                     steps=4), progress=False, scorers={"teacher": seen})
+    rows = [json.loads(l) for l in (root / "distillm" / "metrics.jsonl").read_text().splitlines()]
+    assert ["validation_loss" in r for r in rows] == [False, True, False, True]
+    # The validation prompts are scored (as validation) but never trained on: with 16 prompts,
+    # 4 held out, 4 steps x 2 draw from the other 12.
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    held_out = set(order[-4:].tolist())
+    tokenizer = load_tokenizer(resolve_model_source(str(setup[2])))
+    ids = [tuple(encode_prompt(tokenizer, p)[0].tolist()) for p in load_prompts(str(setup[4]))]
+    asked = [tuple(p) for p in seen.prompts]
+    validation_calls = [p for p in asked if ids.index(p) in held_out]
+    assert len(validation_calls) == 2 * 4  # two measurements x four held-out prompts
+    assert len(asked) - len(validation_calls) == 4 * 2
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -185,9 +227,9 @@ def test_every_shipped_recipe_runs_on_tiny_models(setup, recipe, tmp_path):
     root, teacher, student, _, prompts = setup
     cfg = load_config(OPDConfig, recipe)
     assert cfg.out_dir.startswith("runs/opd/") and "# " in recipe.read_text().splitlines()[0]
-    overrides = [f"student={student}", f"prompts={prompts}", "max_new_tokens=4", "batch_size=2", "steps=1",
+    overrides = [f"student={student}", f"prompts={prompts}", "max_new_tokens=4", "batch_size=2", "steps=1", "adaptive_validation=2",
                  f"out_dir={tmp_path}", "device=cpu"]
-    if cfg.teacher != "self" and not cfg.teachers:
+    if cfg.teacher not in ("self", "none") and not cfg.teachers:
         overrides.append(f"teacher={teacher}")
     if cfg.teachers:
         overrides.append("teachers={" + ", ".join(f"{k}: {teacher}" for k in cfg.teachers) + "}")

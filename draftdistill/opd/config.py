@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 class OPDConfig:
     # --- models -----------------------------------------------------------------------------
     student: str = "smollm2-135m-instruct"  # path / builtin name, or pruned:K / small:... built from the teacher
-    teacher: str = "smollm2-135m-instruct"  # path / builtin name, or "self" (OPSD: the student with privileged context)
+    teacher: str = "smollm2-135m-instruct"  # path / builtin name, "self" (OPSD: the student with privileged
+    # context), or "none" (objective sft: no teacher)
     teachers: dict = field(default_factory=dict)  # MOPD: route value -> teacher path (replaces `teacher`)
     route_field: str = ""  # MOPD: the prompt-file field whose value picks the teacher
     self_teacher: str = "frozen"  # OPSD teacher weights: frozen (initial student) | live (current) | ema
@@ -19,6 +20,12 @@ class OPDConfig:
     reference: str = ""  # G-OPD reference model: "" none | "student" (initial student) | a path
     guard: str = "error"  # template / EOS mismatch between student and teacher: error | warn
     mask_special_tokens: bool = True  # special tokens (not stop tokens) leave the loss
+    # --- servers (SGLang) ---------------------------------------------------------------------------
+    teacher_server: str = ""  # URL(s), comma-separated: the teacher served by SGLang (a pool, round-robin);
+    # `teacher` still names its files, for the tokenizer/template guard. Needs teacher_scores topk | token.
+    rollout_server: str = ""  # URL of an SGLang server with the student's architecture: student rollouts
+    # come from it, the student's weights pushed to it at start and after every optimizer step
+    server_patience: float = 900.0  # seconds a step waits for failing servers before the run stops
     # --- data and rollouts ------------------------------------------------------------------------
     prompts: str = "gsm8k:train"
     prompt_limit: int = 0  # first N prompts only (0: all)
@@ -30,12 +37,13 @@ class OPDConfig:
     mix_schedule: str = "constant"  # constant | linear | adaptive (DistiLLM)
     mix_student_start: float = 0.0  # linear / adaptive: the fraction at step 0
     mix_schedule_steps: int = 0  # linear: steps to reach mix_student
-    adaptive_window: int = 4  # adaptive: steps per loss window
-    adaptive_delta: float = 0.25  # adaptive: increase of the student fraction when the loss rises
+    adaptive_window: int = 4  # adaptive: steps between validation-loss measurements
+    adaptive_delta: float = 0.25  # adaptive: increase of the student fraction when the validation loss rises
+    adaptive_validation: int = 8  # adaptive: prompts held out of training for the validation loss
     # --- teacher scores and objective -------------------------------------------------------------
     teacher_scores: str = "logits"  # what the teacher returns: logits (full) | topk | token
     teacher_topk: int = 20
-    objective: str = "opd"  # opd | divergence | minillm | aopd | entropy_switch, with :key=value params
+    objective: str = "opd"  # opd | divergence | minillm | aopd | entropy_switch | sft, with :key=value params
     divergence: str = "rkl"  # for objective "divergence": any losses registry spec, e.g. jsd:beta=0.5
     loss_temperature: float = 1.0
     importance_sampling: bool = True  # weight by q/q_sampler (the sampler's log-probs) in policy-gradient terms

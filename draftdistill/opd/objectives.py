@@ -4,8 +4,8 @@
     loss_tokens, stats = objective.fn(student_logits, micro, temperature)
 
 `needs` names the teacher information the objective reads: "token" (log p of the sampled token),
-"dist" (a distribution: full logits or top-k) or "full" (full logits only). The trainer checks it
-against `teacher_scores` before any model is loaded.
+"dist" (a distribution: full logits or top-k) or "full" (full logits only); empty for sft, which
+reads no teacher at all. The trainer checks it against `teacher_scores` before any model is loaded.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class Micro:
 
     batch: ResponseBatch  # the student's prompt + response
     mask: Tensor  # [B, R] bool: loss tokens
-    teacher: TeacherScores
+    teacher: TeacherScores | None  # None when the objective needs no teacher (sft)
     old_logprobs: Tensor | None = None  # [B, R] sampler log-probs, NaN where unknown (dataset rows)
     ref_logprobs: Tensor | None = None  # [B, R] reference model log p(token) (G-OPD)
     sampled: Tensor | None = None  # [B] bool: rows the student sampled
@@ -156,8 +156,17 @@ def entropy_switch(threshold: float = 1.0, k: int = 20, augment: bool = False):
     return fn, {"dist"}, False
 
 
+def sft():
+    """Supervised fine-tuning on the dataset answers: -log q(y_t). No teacher (teacher: none) and
+    no student samples (mix_student: 0): the off-policy baseline every OPD recipe is compared with."""
+    def fn(student_logits, micro: Micro, temperature):
+        return -token_log_probs(student_logits, micro.batch.targets, micro.mask, temperature), {}
+
+    return fn, set(), False
+
+
 OBJECTIVES = {"opd": opd, "divergence": divergence, "minillm": minillm, "aopd": aopd,
-              "entropy_switch": entropy_switch}
+              "entropy_switch": entropy_switch, "sft": sft}
 
 
 def build_objective(objective: str, divergence_spec: str = "rkl", teacher_scores: str = "logits",
@@ -170,7 +179,7 @@ def build_objective(objective: str, divergence_spec: str = "rkl", teacher_scores
         if params:
             raise ValueError("objective 'divergence' takes its spec from the `divergence` key")
         params = {"spec": divergence_spec}
-    elif name != "entropy_switch":
+    elif name not in ("entropy_switch", "sft"):
         params.setdefault("importance_sampling", importance_sampling)
     try:
         fn, needs, needs_reference = OBJECTIVES[name](**params)

@@ -7,8 +7,7 @@ Both are small interfaces so a server backend (SGLang) can replace the in-proces
 
 `LocalSampler` decodes a whole batch at once with a KV cache (left-padded prompts); `LocalScorer`
 runs one forward over prompt + response (batching.pack / response_logits) and returns the forms
-asked for. A server scorer maps onto SGLang's `/generate` with `max_new_tokens: 0`,
-`return_logprob`, `logprob_start_len: P - 1`, `top_logprobs_num: K` (see `sglang_score_request`).
+asked for. The SGLang-server versions are in server.py.
 """
 from __future__ import annotations
 
@@ -157,41 +156,9 @@ def merge_scores(parts: list[tuple[list[int], TeacherScores]], rows: int, width:
     return TeacherScores(token, topk, logits)
 
 
-# ---------------------------------------------------------------------------------------------
-# A server teacher: the request and the parsing, so an HTTP client only has to send and receive.
-# ---------------------------------------------------------------------------------------------
-
-
-def sglang_score_request(prompt: list[int], response: list[int], top_k: int = 0) -> dict:
-    """The SGLang `/generate` body that scores `response` after `prompt` without generating."""
-    body = {"input_ids": prompt + response, "sampling_params": {"max_new_tokens": 0},
-            "return_logprob": True, "logprob_start_len": len(prompt) - 1}
-    if top_k:
-        body["top_logprobs_num"] = top_k
-    return body
-
-
-def sglang_parse_scores(meta_info: dict, response: list[int], top_k: int = 0) -> tuple[list[float], list]:
-    """(token log-probs [R], top-k [(ids, logprobs)] * R) from a `/generate` reply's meta_info.
-
-    `input_token_logprobs` starts at position P - 1, whose own entry is null; the next R entries
-    are log p(response[t]) (entries are [logprob, id, text]). SGLang returns these at the server's
-    sampling temperature: ask for the temperature you train at.
-    """
-    entries = meta_info["input_token_logprobs"][1: 1 + len(response)]
-    if len(entries) != len(response) or [int(e[1]) for e in entries] != list(response):
-        raise ValueError("SGLang reply does not line up with the response tokens")
-    token = [float(e[0]) for e in entries]
-    top = []
-    if top_k:
-        for position in meta_info["input_top_logprobs"][1: 1 + len(response)]:
-            top.append(([int(e[1]) for e in position], [float(e[0]) for e in position]))
-    return token, top
-
-
 def scores_from_lists(token: list[list[float]], top: list[list], responses: list[list[int]],
                       device="cpu") -> TeacherScores:
-    """Pad per-sequence server scores into a TeacherScores aligned with pack(prompts, responses)."""
+    """Pad per-sequence server scores (top: per row, per position (ids, log-probs)) into a TeacherScores aligned with pack(prompts, responses)."""
     width = max(1, max(len(r) for r in responses))
     ids = torch.zeros((len(responses), width), dtype=torch.long)
     lp = torch.zeros((len(responses), width))
@@ -210,36 +177,5 @@ def scores_from_lists(token: list[list[float]], top: list[list], responses: list
     return TeacherScores(TeacherTokenLogProbs(ids.to(device), lp.to(device)), topk, None)
 
 
-class SGLangScorer:
-    """A teacher behind an SGLang server: one `/generate` scoring request per row (token and top-k
-    log-probs only; full logits are not served). `post(url, json) -> dict` defaults to requests."""
-
-    def __init__(self, url: str, post=None, device="cpu"):
-        self.url, self.device = url.rstrip("/") + "/generate", device
-        if post is None:
-            import requests
-
-            def post(url, body):
-                reply = requests.post(url, json=body, timeout=600)
-                reply.raise_for_status()
-                return reply.json()
-        self.post = post
-
-    def score(self, prompts, responses, forms, top_k, temperature) -> TeacherScores:
-        if "logits" in forms:
-            raise ValueError("an SGLang teacher returns top-k or token log-probs, not full logits "
-                             "(use teacher_scores=topk or token)")
-        k = top_k if "topk" in forms else 0
-        token, top = [], []
-        for prompt, response in zip(prompts, responses):
-            body = sglang_score_request(prompt, response, k)
-            body["sampling_params"]["temperature"] = temperature
-            t, tk = sglang_parse_scores(self.post(self.url, body)["meta_info"], response, k)
-            token.append(t)
-            top.append(tk)
-        return scores_from_lists(token, top if k else [], responses, self.device)
-
-
-__all__ = ["Completion", "FORMS", "LocalSampler", "LocalScorer", "SGLangScorer", "Sampler", "Scorer", "TeacherScores",
-           "merge_scores", "scores_from_lists", "scores_from_logits", "sglang_parse_scores",
-           "sglang_score_request"]
+__all__ = ["Completion", "FORMS", "LocalSampler", "LocalScorer", "Sampler", "Scorer", "TeacherScores",
+           "merge_scores", "scores_from_lists", "scores_from_logits"]

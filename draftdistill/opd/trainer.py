@@ -34,6 +34,7 @@ from .guard import PROBE, check_pair, loss_token_mask
 from .objectives import Micro, Objective, build_objective, reward_term
 from .rewards import FEEDBACK, REWARDS
 from .rollout import LocalSampler, LocalScorer, Sampler, Scorer, merge_scores
+from .server import SGLangSampler, SGLangScorer
 from .teachers import (PRIVILEGED_KINDS, SELF_TEACHERS, attach_field, ema_update, frozen_copy,
                        privileged_prompt)
 
@@ -62,6 +63,18 @@ def check_config(cfg: OPDConfig) -> Objective:
     if cfg.group_size < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.max_new_tokens < 1:
         raise ValueError("group_size, batch_size, grad_accum and max_new_tokens must be >= 1")
     objective = build_objective(cfg.objective, cfg.divergence, cfg.teacher_scores, cfg.importance_sampling)
+    if (cfg.teacher == "none" and not cfg.teachers) != (not objective.needs):
+        raise ValueError(f"objective {cfg.objective!r} " + ("needs a teacher" if objective.needs else
+                         "reads no teacher: set teacher=none so none is loaded"))
+    if objective.name == "sft" and (cfg.mix_student != 0.0 or cfg.mix_schedule != "constant" or cfg.verifier):
+        raise ValueError("sft trains on the dataset answers only: mix_student=0, mix_schedule=constant, no verifier")
+    if cfg.mix_schedule == "adaptive" and cfg.adaptive_validation < 1:
+        raise ValueError("mix_schedule=adaptive needs adaptive_validation >= 1 held-out prompts")
+    if cfg.teacher_server and (cfg.teachers or cfg.teacher in ("self", "none") or cfg.teacher_scores == "logits"):
+        raise ValueError("teacher_server serves one teacher model (not self, none or a MOPD set) and returns "
+                         "top-k or token log-probs: set teacher_scores=topk or token")
+    if cfg.teacher_server and cfg.loss_temperature != 1.0:
+        raise ValueError("SGLang scores with the raw logits: teacher_server needs loss_temperature=1")
     if objective.needs_reference and not cfg.reference:
         raise ValueError(f"objective {cfg.objective!r} needs a reference model: reference=student or a path")
     return objective
@@ -91,7 +104,7 @@ def is_built_student(spec: str) -> bool:
 
 def load_models(cfg: OPDConfig, probes: list, device: str) -> SimpleNamespace:
     """Guard every student/teacher pair on tokenizers and configs, then load the weights."""
-    specs = dict(cfg.teachers) if cfg.teachers else ({} if cfg.teacher == "self" else {"teacher": cfg.teacher})
+    specs = dict(cfg.teachers) if cfg.teachers else ({} if cfg.teacher in ("self", "none") else {"teacher": cfg.teacher})
     built = is_built_student(cfg.student)
     if built and len(specs) != 1:
         raise ValueError(f"student {cfg.student!r} is built from one teacher; give a model path instead")
@@ -102,7 +115,11 @@ def load_models(cfg: OPDConfig, probes: list, device: str) -> SimpleNamespace:
     for name, (tok, stop, vocab) in infos.items():  # before any weights: a bad pair costs nothing
         check_pair(s_tok, tok, s_stop, stop, s_vocab, vocab, cfg.guard, probes, name)
 
-    teachers = {name: load_target(spec, device=device)[0] for name, spec in specs.items()}
+    # A served teacher's weights stay on its server (its files still gave the guard its tokenizer).
+    teachers = {} if cfg.teacher_server else {name: load_target(spec, device=device)[0] for name, spec in specs.items()}
+    if built and cfg.teacher_server:
+        raise ValueError(f"student {cfg.student!r} is built from the teacher's weights; with teacher_server "
+                         "give the student as a model path")
     if built:
         student = load_drafter(cfg.student, next(iter(teachers.values())), s_tok)
     else:
@@ -140,20 +157,14 @@ def mix_student_at(cfg: OPDConfig, step: int, state: dict) -> float:
     return state.setdefault("mix_student", cfg.mix_student_start)
 
 
-def adapt_mix(cfg: OPDConfig, state: dict, loss: float) -> None:
-    """DistiLLM's adaptive off-policy -> on-policy schedule: every adaptive_window steps, when the
-    window's mean loss is above the previous window's, move adaptive_delta towards on-policy."""
-    if cfg.mix_schedule != "adaptive":
-        return
-    window = state.setdefault("loss_window", [])
-    window.append(loss)
-    if len(window) < cfg.adaptive_window:
-        return
-    mean = sum(window) / len(window)
-    previous = state.get("previous_window_loss")
-    if previous is not None and mean > previous:
+def adapt_mix(cfg: OPDConfig, state: dict, validation_loss: float) -> None:
+    """DistiLLM's adaptive off-policy -> on-policy schedule: when the validation loss (measured every
+    adaptive_window steps on held-out prompts) is above the previous measurement, move
+    adaptive_delta towards on-policy."""
+    previous = state.get("previous_validation_loss")
+    if previous is not None and validation_loss > previous:
         state["mix_student"] = min(cfg.mix_student, state["mix_student"] + cfg.adaptive_delta)
-    state["previous_window_loss"], state["loss_window"] = mean, []
+    state["previous_validation_loss"] = validation_loss
 
 
 def centred_rewards(rewards: list[float | None], group_size: int) -> list[float]:
@@ -188,6 +199,8 @@ def accumulate(student, micros: list[Micro], objective: Objective, temperature: 
         sums["loss"] += float(loss.detach())
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value
+        if micro.teacher is None:
+            continue
         with torch.no_grad():  # the sampled reverse-KL estimate, log q - log p_T, on the student's own tokens
             on_policy = micro.mask if micro.sampled is None else micro.mask & micro.sampled[:, None]
             logq = torch.log_softmax(logits.detach().float() / temperature, -1).gather(
@@ -235,7 +248,12 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
     m = load_models(cfg, [PROBE, prompts[0].messages], device)
     student, tokenizer = m.student, m.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else m.stop[0]
+    if sampler is None and cfg.rollout_server:
+        sampler = SGLangSampler(cfg.rollout_server, m.stop, cfg.rollout_temperature, cfg.top_p,
+                                patience=cfg.server_patience)
     sampler = sampler or LocalSampler(student, m.stop, pad_id, cfg.rollout_temperature, cfg.top_p)
+    if scorers is None and cfg.teacher_server:
+        scorers = {"teacher": SGLangScorer(cfg.teacher_server, patience=cfg.server_patience)}
     scorers = scorers or {name: LocalScorer(model, pad_id) for name, model in m.teachers.items()}
     ref_scorer = LocalScorer(m.reference, pad_id) if m.reference is not None else None
     # Only what the objective reads: full logits [B, R, V] are the largest tensor of the step.
@@ -268,6 +286,60 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
         return tokens + [m.stop[0]] if len(tokens) < cfg.max_new_tokens else tokens
 
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
+    validation = []  # DistiLLM's adaptive schedule watches a loss on held-out prompts
+    if cfg.mix_schedule == "adaptive":
+        if len(order) <= cfg.adaptive_validation:
+            raise ValueError(f"{len(order)} prompts leave none to train on after holding out "
+                             f"adaptive_validation={cfg.adaptive_validation}")
+        validation, order = order[-cfg.adaptive_validation:].tolist(), order[: -cfg.adaptive_validation]
+
+    tally = {"teacher_tokens": 0}  # teacher-forward tokens (prompt + response), for compute accounting
+
+    def micro_for(indices, responses, logps, owns, texts, rewards) -> Micro:
+        """Teacher (and reference) scores of the same tokens, the loss mask: one micro-batch."""
+        batch = pack([student_ids[i] for i in indices], responses, pad_id).to(device)
+        width = batch.scored.shape[1]
+        parts = []
+        for name, scorer in scorers.items():
+            mine = [r for r, i in enumerate(indices) if route(prompts[i]) == name]
+            if mine:
+                shown = [teacher_prompt(indices[r], texts[r]) for r in mine]
+                tally["teacher_tokens"] += sum(len(p) + len(responses[r]) for p, r in zip(shown, mine))
+                parts.append((mine, scorer.score(shown, [responses[r] for r in mine], forms, cfg.teacher_topk,
+                                                 cfg.loss_temperature)))
+        teacher = merge_scores(parts, len(indices), width) if parts else None
+        mask = batch.scored
+        if cfg.mask_special_tokens:
+            mask = loss_token_mask(batch.targets, batch.scored, tokenizer.all_special_ids, m.loss_stops)
+        old = None
+        if cfg.importance_sampling:
+            old = torch.full(batch.scored.shape, float("nan"))
+            for r, lp in enumerate(logps):
+                if lp is not None:
+                    old[r, : len(lp)] = torch.tensor(lp)
+            old = old.to(device)
+        ref = None
+        if ref_scorer is not None:
+            ref = ref_scorer.score([student_ids[i] for i in indices], responses, set(), 1,
+                                   cfg.loss_temperature).token.logprobs
+        sampled = torch.tensor(owns, dtype=torch.bool, device=device)
+        reward = torch.tensor(rewards, device=device) if cfg.verifier else None
+        return Micro(batch, mask, teacher, old, ref, sampled, reward)
+
+    @torch.no_grad()
+    def validation_loss() -> float:
+        """The objective on the held-out prompts' dataset answers (fixed tokens, so losses compare)."""
+        total, tokens = 0.0, 0
+        for start in range(0, len(validation), cfg.batch_size):
+            indices = validation[start: start + cfg.batch_size]
+            responses = [dataset_response(i) for i in indices]
+            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+            micro = micro_for(indices, responses, [None] * len(indices), [False] * len(indices), texts,
+                              [0.0] * len(indices))
+            loss_tokens, _ = objective.fn(response_logits(student, micro.batch), micro, cfg.loss_temperature)
+            total += float(torch.where(micro.mask, loss_tokens, 0.0).sum())
+            tokens += int(micro.mask.sum())
+        return total / max(1, tokens)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -280,6 +352,9 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
             if [k for k in missing if k != "lm_head.weight"] or unexpected:
                 raise ValueError(f"{out}: self-teacher weights do not match (missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]})")
+    sync = getattr(sampler, "sync", None)  # a server sampler samples from the weights last pushed to it
+    if sync is not None:
+        sync(student, state["step"])
     log = MetricsLog(out)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
@@ -309,35 +384,9 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
         centred = iter(centred_rewards(flat_rewards, cfg.group_size))
 
         # 2. Teacher (and reference) scores of the same tokens; loss masks.
-        micros = []
-        for indices, responses, logps, owns, texts in rows:
-            batch = pack([student_ids[i] for i in indices], responses, pad_id).to(device)
-            width = batch.scored.shape[1]
-            parts = []
-            for name, scorer in scorers.items():
-                mine = [r for r, i in enumerate(indices) if route(prompts[i]) == name]
-                if mine:
-                    parts.append((mine, scorer.score([teacher_prompt(indices[r], texts[r]) for r in mine],
-                                                     [responses[r] for r in mine], forms, cfg.teacher_topk,
-                                                     cfg.loss_temperature)))
-            teacher = merge_scores(parts, len(indices), width)
-            mask = batch.scored
-            if cfg.mask_special_tokens:
-                mask = loss_token_mask(batch.targets, batch.scored, tokenizer.all_special_ids, m.loss_stops)
-            old = None
-            if cfg.importance_sampling:
-                old = torch.full(batch.scored.shape, float("nan"))
-                for r, lp in enumerate(logps):
-                    if lp is not None:
-                        old[r, : len(lp)] = torch.tensor(lp)
-                old = old.to(device)
-            ref = None
-            if ref_scorer is not None:
-                ref = ref_scorer.score([student_ids[i] for i in indices], responses, set(), 1,
-                                       cfg.loss_temperature).token.logprobs
-            sampled = torch.tensor(owns, dtype=torch.bool, device=device)
-            reward = torch.tensor([next(centred) for _ in indices], device=device)
-            micros.append(Micro(batch, mask, teacher, old, ref, sampled, reward if cfg.verifier else None))
+        tally["teacher_tokens"] = 0
+        micros = [micro_for(indices, responses, logps, owns, texts, [next(centred) for _ in indices])
+                  for indices, responses, logps, owns, texts in rows]
 
         # 3. Student forward and backward, one optimizer step.
         optimizer.zero_grad(set_to_none=True)
@@ -345,6 +394,8 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         optimizer.step()
         scheduler.step()
+        if sync is not None:
+            sync(student, step + 1)
         if m.ema is not None and cfg.self_teacher == "ema":
             ema_update(m.ema, student, cfg.ema_decay)
         elif m.ema is not None and (step + 1) % cfg.teacher_refresh_every == 0:
@@ -352,18 +403,28 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
 
         loss_tokens = sums.pop("loss_tokens")
         loss = sums.pop("loss") / loss_tokens
-        adapt_mix(cfg, state, loss)
-        sampled_tokens = max(1, sums.pop("sampled_tokens"))
+        sampled_tokens, rkl_sum = sums.pop("sampled_tokens"), sums.pop("rkl_estimate")
         all_rows = [r for (_, responses, _, _, _) in rows for r in responses]
         rewards = [r for r in flat_rewards if r is not None]
-        metrics = {"loss": loss, "rkl_estimate": sums.pop("rkl_estimate") / sampled_tokens,
-                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "mix_student": mix,
+        # Compute accounting, in model-forward tokens: the student's rollouts (prompt prefill + sampled
+        # tokens), the teachers' scoring forwards, and the student's training forward (+ backward).
+        rollout_tokens = sum(len(student_ids[i]) + len(r) for indices, responses, _, owns, _ in rows
+                             for i, r, own in zip(indices, responses, owns) if own)
+        train_tokens = sum(int(micro.batch.attention.sum()) for micro in micros)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "mix_student": mix,
                    "response_tokens": sum(map(len, all_rows)) / len(all_rows),
-                   "loss_tokens": loss_tokens, **{k: v / loss_tokens for k, v in sums.items()}}
+                   "loss_tokens": loss_tokens, "rollout_tokens": rollout_tokens,
+                   "teacher_tokens": tally["teacher_tokens"], "train_tokens": train_tokens,
+                   **{k: v / loss_tokens for k, v in sums.items()}}
+        if sampled_tokens:
+            metrics["rkl_estimate"] = rkl_sum / sampled_tokens
+        if validation and (step + 1) % cfg.adaptive_window == 0:
+            metrics["validation_loss"] = validation_loss()
+            adapt_mix(cfg, state, metrics["validation_loss"])
         if rewards:
             metrics["reward"] = sum(rewards) / len(rewards)
         log.write(step + 1, **metrics)
-        bar.set_postfix(loss=f"{loss:.3f}", rkl=f"{metrics['rkl_estimate']:.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}", rkl=f"{metrics.get('rkl_estimate', float('nan')):.3f}")
         state["step"] = step + 1
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
             if m.ema is not None:
