@@ -32,10 +32,11 @@ import torch
 
 
 class DraftVocab:
-    """A sorted set of target token ids; draft id i <-> target id ``draft_ids[i]``."""
+    """A sorted set of target token ids; draft id i <-> target id ``draft_ids[i]``. The maps live on
+    the device of `draft_ids` (a head's buffers: no host copy per decoding step)."""
 
     def __init__(self, draft_ids: torch.Tensor | list[int], target_vocab_size: int):
-        ids = torch.as_tensor(draft_ids, dtype=torch.long).flatten().cpu()
+        ids = torch.as_tensor(draft_ids, dtype=torch.long).flatten()
         if ids.numel() == 0:
             raise ValueError("a draft vocabulary needs at least one token")
         if not bool((ids[1:] > ids[:-1]).all()):
@@ -50,7 +51,7 @@ class DraftVocab:
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, DraftVocab) and self.target_vocab_size == other.target_vocab_size
-                and torch.equal(self.draft_ids, other.draft_ids))
+                and torch.equal(self.draft_ids.cpu(), other.draft_ids.cpu()))
 
     # ---- construction ----
     @classmethod
@@ -60,8 +61,8 @@ class DraftVocab:
 
     @classmethod
     def from_d2t(cls, d2t: torch.Tensor, target_vocab_size: int) -> "DraftVocab":
-        d2t = torch.as_tensor(d2t, dtype=torch.long).cpu()
-        return cls(d2t + torch.arange(d2t.numel()), target_vocab_size)
+        d2t = torch.as_tensor(d2t, dtype=torch.long)
+        return cls(d2t + torch.arange(d2t.numel(), device=d2t.device), target_vocab_size)
 
     @classmethod
     def from_counts(cls, counts: Counter, size: int, target_vocab_size: int,
@@ -106,20 +107,20 @@ class DraftVocab:
     @property
     def d2t(self) -> torch.Tensor:
         """int64 [N]: target id minus draft id (the offset form SGLang and vLLM load)."""
-        return self.draft_ids - torch.arange(len(self))
+        return self.draft_ids - torch.arange(len(self), device=self.draft_ids.device)
 
     @property
     def t2d(self) -> torch.Tensor:
         """bool [V]: which target ids are in the draft vocabulary."""
-        mask = torch.zeros(self.target_vocab_size, dtype=torch.bool)
+        mask = torch.zeros(self.target_vocab_size, dtype=torch.bool, device=self.draft_ids.device)
         mask[self.draft_ids] = True
         return mask
 
     # ---- mapping ----
     def target_to_draft(self, target_ids: torch.Tensor) -> torch.Tensor:
         """Draft ids of `target_ids` (any shape); -1 where a token is outside the draft vocabulary."""
-        lookup = torch.full((self.target_vocab_size,), -1, dtype=torch.long)
-        lookup[self.draft_ids] = torch.arange(len(self))
+        lookup = torch.full((self.target_vocab_size,), -1, dtype=torch.long, device=self.draft_ids.device)
+        lookup[self.draft_ids] = torch.arange(len(self), device=self.draft_ids.device)
         return lookup.to(target_ids.device)[target_ids]
 
     def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
