@@ -97,7 +97,8 @@ def main():
 @config_option
 @target_option
 @click.option("--drafter", required=True,
-              help="Drafter: 'pruned:K' (first K target layers), 'small:layers=2,hidden=256,...', or a path.")
+              help="Drafter: 'pruned:K' (first K target layers), 'small:layers=2,hidden=256,...', 'eagle3' (a fresh "
+                   "EAGLE-3 head), or a path (an HF directory, or an exported EAGLE-3 directory).")
 @prompts_option
 @num_prompts_option
 @max_new_option

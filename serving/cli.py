@@ -30,7 +30,7 @@ def serve():
 def serve_embedded(target, drafter, port, gamma, online, divergence, rejected_only, lr, update_every, window, device):
     """Start the embedded server: POST /v1/completions, GET /health and /metrics, POST /control/weights."""
     from draftdistill.data import stop_token_ids
-    from draftdistill.models import default_device, load_drafter, load_target
+    from draftdistill.models import default_device, load_drafter, load_target, require_lm_drafter
 
     from .embedded import EmbeddedSpecServer
     from .http_api import make_http_server
@@ -39,6 +39,8 @@ def serve_embedded(target, drafter, port, gamma, online, divergence, rejected_on
     device = device or default_device()
     target_model, tokenizer = load_target(target, device=device)
     drafter_model = load_drafter(drafter, target_model, tokenizer)
+    if online:
+        require_lm_drafter(drafter_model, "--online")
     engine = EmbeddedSpecServer(target_model, drafter_model, tokenizer, gamma=gamma,
                                 eos_token_id=stop_token_ids(tokenizer, target_model))
     server = make_http_server(engine, port)
@@ -77,7 +79,7 @@ def serve_attach(server, drafter, target, log_dir, divergence, top_k, lr, update
     push gated draft versions with selector "draft". Server errors are retried and counted, never fatal."""
     import time
 
-    from draftdistill.models import load_drafter, load_target
+    from draftdistill.models import load_drafter, load_target, require_lm_drafter
 
     from .online import OnlineConfig, OnlineDistiller
     from .sglang_backend import SGLangBackend
@@ -85,6 +87,7 @@ def serve_attach(server, drafter, target, log_dir, divergence, top_k, lr, update
 
     target_model, tokenizer = load_target(target, device="cpu")
     drafter_model = load_drafter(drafter, target_model, tokenizer)  # refuses a different tokenizer first
+    require_lm_drafter(drafter_model, "serve attach")
     backend = SGLangBackend(SGLangClient(server), log_dir, top_k=top_k, shared_with_target=target_model.state_dict())
     distiller = OnlineDistiller(backend, drafter_model, OnlineConfig(divergence=divergence, lr=lr,
                                                                      update_every=update_every, window=window))

@@ -5,16 +5,22 @@ Specs (CLI and YAML):
   final norm and the (shared) head. Starts close to the target at no training cost.
 - ``small:layers=2,hidden=256,heads=4,kv_heads=2,intermediate=768``: a small random-init Llama
   over the target's tokenizer (any key may be left out).
+- ``eagle3``: a fresh EAGLE-3 head (models/eagle3.py) over the whole target vocabulary, reading
+  SGLang's default aux layers; untrained, so only good for trying the pipeline.
 - a path or builtin name: a separately trained drafter, checked against the target's tokenizer
-  before its weights are loaded.
+  before its weights are loaded. A directory whose config.json names LlamaForCausalLMEagle3 (our
+  SGLang export, or a SpecForge checkpoint) loads as an EAGLE-3 head.
 """
 from __future__ import annotations
 
 import copy
+import json
 
 import torch
 from torch import nn
 
+from .eagle3 import ARCHITECTURE as EAGLE3_ARCHITECTURE
+from .eagle3 import Eagle3Head, build_eagle3_head, load_eagle3_head
 from .loading import load_model, load_tokenizer, resolve_model_source
 from .tokenizer_check import TokenizerMismatchError, check_tokenizers_match
 
@@ -87,6 +93,8 @@ def parse_drafter_spec(spec: str) -> tuple[str, dict[str, int]]:
                 raise ValueError(f"drafter spec {spec!r}: expected key=int items, got {item!r}")
             sizes[key.strip()] = int(value)
         return "small", sizes
+    if spec == "eagle3":
+        return "eagle3", {}
     return "path", {}
 
 
@@ -97,7 +105,15 @@ def load_drafter(spec: str, target: nn.Module, target_tokenizer) -> nn.Module:
         return build_pruned_drafter(target, params["layers"])
     if kind == "small":
         return build_small_drafter(target, **params)
+    if kind == "eagle3":
+        return build_eagle3_head(target)
     source = resolve_model_source(spec)
+    if _is_eagle3_dir(source):
+        if any((source.directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            check_tokenizers_match(target_tokenizer, load_tokenizer(source))
+        head = load_eagle3_head(source.directory, target)  # checks vocab and hidden sizes
+        head.requires_grad_(False)
+        return head
     # Tokenizers first: a mismatched pair is refused before any weight is read.
     check_tokenizers_match(target_tokenizer, load_tokenizer(source))
     param = next(target.parameters())
@@ -105,6 +121,20 @@ def load_drafter(spec: str, target: nn.Module, target_tokenizer) -> nn.Module:
     check_vocab_sizes(target, drafter)
     drafter.requires_grad_(False)
     return drafter
+
+
+def _is_eagle3_dir(source) -> bool:
+    config = source.directory / "config.json"
+    if source.gguf_file or source.weights_file or not config.is_file():
+        return False
+    return EAGLE3_ARCHITECTURE in (json.loads(config.read_text()).get("architectures") or [])
+
+
+def require_lm_drafter(drafter: nn.Module, what: str) -> None:
+    """Refuse an EAGLE-3 head where a causal-LM drafter is trained (the head needs TTT on target features)."""
+    if isinstance(drafter, Eagle3Head):
+        raise ValueError(f"{what} trains causal-LM drafters; an EAGLE-3 head is trained with TTT on the target's "
+                         "hidden states, which this loop does not do (it can be evaluated and served)")
 
 
 def check_vocab_sizes(target: nn.Module, drafter: nn.Module) -> None:

@@ -17,50 +17,23 @@ committed, i.e. len(seq) - 1 tokens once the next token is appended:
   - drafter: it processed seq_old + d_1..d_{g-1} -> crop to len(seq) - 1 if it holds more; when all g
     drafts were accepted it never saw d_g, so it is one short and is fed [d_g, next] next round.
 Hence tau = new_tokens / target_calls exactly.
+
+Drafting lives in drafting.py (a session per call): a causal-LM drafter keeps the cache described
+above; an EAGLE-3 head reads the target's hidden states instead, which the verify forward returns
+and `commit` hands over for the committed positions. Its first round proposes nothing: the
+target's first forward is then the prefill that gives the head its first features.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import time
 
 import torch
-from transformers import DynamicCache
 
+from .drafting import start_drafting
+from .kv import forward, new_cache, rollback
 from .metrics import SpecStats
 from .sampling import SamplingConfig, logits_to_probs, sample_token
 from .verify import verify
-
-
-def _new_cache(model) -> DynamicCache:
-    cache = DynamicCache(config=getattr(model, "config", None))
-    # Sliding-window layers drop old states on update unless told to keep them until the next crop.
-    if hasattr(cache, "activate_past_recording"):
-        cache.activate_past_recording()
-    return cache
-
-
-@functools.cache
-def _takes_logits_to_keep(model_class: type) -> bool:
-    """HF models can skip the lm_head for positions we do not need (a long prompt x a big vocab);
-    a plain wrapper module may not take the argument. Cached per class: inspect is slow per token."""
-    params = inspect.signature(model_class.forward).parameters
-    return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def _forward(model, cache: DynamicCache, tokens: list[int], device, num_logits: int) -> torch.Tensor:
-    """Feed `tokens` after what `cache` holds (the cache grows in place); return the last num_logits logits [n, V]."""
-    ids = torch.tensor([tokens], dtype=torch.long, device=device)
-    extra = {"logits_to_keep": num_logits} if _takes_logits_to_keep(type(model)) else {}
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
-    return out.logits[0, -num_logits:]
-
-
-def _rollback(cache: DynamicCache, keep: int) -> None:
-    """Drop cached positions beyond the first `keep` (no-op if the cache is not longer)."""
-    extra = cache.get_seq_length() - keep
-    if extra > 0:
-        cache.crop(-extra)  # negative = number of tokens to remove (transformers >= 4.56 and 5.x)
 
 
 def _eos_set(eos_token_id: int | list[int] | None) -> set[int]:
@@ -99,7 +72,8 @@ def speculative_generate(
     eos = _eos_set(eos_token_id)
     seq = _check_input(input_ids)  # committed tokens: prompt + emitted
     prompt_len = len(seq)
-    target_cache, drafter_cache = _new_cache(target), _new_cache(drafter)
+    target_cache = new_cache(target)
+    drafting = start_drafting(drafter, device)  # the drafter's own cache and state for this sequence
     stats = SpecStats.empty(gamma)
     start = time.perf_counter()
 
@@ -108,21 +82,14 @@ def speculative_generate(
         g = min(gamma, max_new_tokens - (len(seq) - prompt_len) - 1)
 
         # 1. Draft g tokens (fewer if the drafter proposes eos: nothing after it could be kept).
-        drafts, draft_probs = [], []
-        feed = seq[drafter_cache.get_seq_length():]
-        for _ in range(g):
-            q = logits_to_probs(_forward(drafter, drafter_cache, feed, device, 1)[-1], sampling)
-            stats.drafter_calls += 1
-            token = sample_token(q, generator)
-            drafts.append(token)
-            draft_probs.append(q)
-            if token in eos:
-                break
-            feed = [token]
+        drafts, draft_probs = drafting.propose(seq, g, sampling, generator, eos)
 
-        # 2. Score every draft plus one bonus position with a single target forward.
-        feed = seq[target_cache.get_seq_length():] + drafts
-        p = logits_to_probs(_forward(target, target_cache, feed, device, len(drafts) + 1), sampling)
+        # 2. Score every draft plus one bonus position with a single target forward (with the hidden
+        #    states an EAGLE-style drafter reads, when it asks for them).
+        scored_from = target_cache.get_seq_length()
+        feed = seq[scored_from:] + drafts
+        logits, hidden = forward(target, target_cache, feed, device, len(drafts) + 1, drafting.target_hidden_indices)
+        p = logits_to_probs(logits, sampling)
         stats.target_calls += 1
         q = torch.stack(draft_probs) if drafts else p.new_zeros((0, p.shape[-1]))
         if q.shape[-1] != p.shape[-1]:
@@ -141,9 +108,10 @@ def speculative_generate(
         stats.new_tokens += len(emitted)
         if hit_eos is not None:
             break
-        _rollback(target_cache, len(seq) - 1)
-        _rollback(drafter_cache, len(seq) - 1)
+        rollback(target_cache, len(seq) - 1)
+        drafting.commit(seq, hidden, scored_from)
 
+    stats.drafter_calls = drafting.calls
     stats.seconds = time.perf_counter() - start
     return torch.tensor(seq[prompt_len:], dtype=torch.long, device=device), stats
 
@@ -161,12 +129,12 @@ def target_generate(
     device = input_ids.device
     eos = _eos_set(eos_token_id)
     feed = _check_input(input_ids)
-    cache = _new_cache(target)
+    cache = new_cache(target)
     stats = SpecStats.empty(0)
     new_tokens: list[int] = []
     start = time.perf_counter()
     while len(new_tokens) < max_new_tokens:
-        p = logits_to_probs(_forward(target, cache, feed, device, 1)[-1], sampling)
+        p = logits_to_probs(forward(target, cache, feed, device, 1)[0][-1], sampling)
         stats.target_calls += 1
         token = sample_token(p, generator)
         new_tokens.append(token)

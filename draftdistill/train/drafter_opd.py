@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from draftdistill.data import encode_prompt, load_prompts, stop_token_ids
 from draftdistill.eval import evaluate_drafter, plot_alpha_per_position
 from draftdistill.losses import acceptance_rate, get_divergence, parse_divergence
-from draftdistill.models import default_device, load_drafter, load_target
+from draftdistill.models import default_device, load_drafter, load_target, require_lm_drafter
 from draftdistill.spec import SamplingConfig
 
 from .checkpoint import export_hf, load_checkpoint, save_checkpoint
@@ -119,7 +119,9 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     eval_prompts = load_prompts(cfg.eval_prompts, limit=cfg.eval_num_prompts)
     # Models: a frozen target, a trainable drafter in float32 (its optimizer state too).
     target, tokenizer = load_target(cfg.target, device=device)
-    drafter = load_drafter(cfg.drafter, target, tokenizer).float().train()
+    drafter = load_drafter(cfg.drafter, target, tokenizer)
+    require_lm_drafter(drafter, "draftdistill train")
+    drafter = drafter.float().train()
     drafter.requires_grad_(True)
     eos = stop_token_ids(tokenizer, target)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
