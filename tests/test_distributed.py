@@ -4,6 +4,8 @@ one process; the 2-rank export is a plain HF directory."""
 import json
 import os
 import socket
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,11 +15,13 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from draftdistill.opd import OPDConfig, train_opd
 from draftdistill.train import DrafterOPDConfig, train_drafter
 from draftdistill.train.checkpoint import is_sharded_checkpoint, load_weights
 from tiny import kill_at_optimizer_step, save_model_dir
 
-TRAINERS = {"drafter": train_drafter}
+ROOT = Path(__file__).resolve().parents[1]
+TRAINERS = {"drafter": train_drafter, "opd": train_opd}
 
 
 class Killed(Exception):
@@ -157,3 +161,51 @@ def test_drafter_one_process_checkpoint_resumes_on_two_ranks(data, drafter_refer
     assert_same_weights(checkpoint_weights(out / "checkpoint", skeleton),
                         checkpoint_weights(drafter_reference / "checkpoint", skeleton))
 
+
+# --- the OPD trainer -----------------------------------------------------------------------------
+
+
+def opd_overrides(data, out, batch_size):
+    """Greedy student rollouts: the batched sampler draws all of a micro-batch's rows from one
+    random stream, so only deterministic rollouts are row-for-row the same on another world size."""
+    root, teacher, student, prompts = data
+    return [f"student={student}", f"teacher={teacher}", f"prompts={prompts}", "objective=opd", "rollout_temperature=0",
+            "teacher_scores=logits", "max_new_tokens=5", f"batch_size={batch_size}", "grad_accum=2", "steps=3",
+            "save_every=3", f"out_dir={root / out}", "device=cpu", "lr=1e-2", "warmup_steps=1"]
+
+
+def test_opd_two_ranks_by_torchrun_train_like_one_process(data):
+    from draftdistill.train import load_config
+
+    root = data[0]
+    train_opd(load_config(OPDConfig, None, opd_overrides(data, "opd-1proc", 4)), progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "draftdistill.cli", "opd", *opd_overrides(data, "opd-2rank", 2), "teacher_parallel=shard",
+               "--quiet"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained 3 steps") == 2  # both ranks finish
+    want, got = losses(root / "opd-1proc"), losses(root / "opd-2rank")
+    assert len(want) == 3 and got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert_same_weights(load_file(root / "opd-2rank" / "final" / "model.safetensors"),
+                        load_file(root / "opd-1proc" / "final" / "model.safetensors"))
+
+
+def test_opd_ema_self_teacher_on_two_ranks_trains_like_one_process(data):
+    """OPSD with an EMA self-teacher: the EMA copy is sharded like the student and updated
+    parameter by parameter; its weights file is gathered to rank 0."""
+    from draftdistill.train import load_config
+
+    root = data[0]
+    overrides = opd_overrides(data, "opsd-1proc", 4) + ["teacher=self", "self_teacher=ema", "ema_decay=0.5",
+                                                         "privileged=reference", "objective=divergence",
+                                                         "divergence=jsd:beta=0.5"]
+    one = load_config(OPDConfig, None, overrides)
+    train_opd(one, progress=False)
+    two = replace(one, batch_size=2, out_dir=str(root / "opsd-2rank"))
+    run_ranks("opd", two)
+    assert losses(root / "opsd-2rank") == pytest.approx(losses(root / "opsd-1proc"), rel=1e-4, abs=1e-6)
+    assert_same_weights(load_file(root / "opsd-2rank" / "ema-3.safetensors"),
+                        load_file(root / "opsd-1proc" / "ema-3.safetensors"))

@@ -43,7 +43,7 @@ class OPDConfig:
     reward_weight: float = 0.0  # weight of the verifier reward's policy-gradient term
     # --- optimisation -----------------------------------------------------------------------------
     steps: int = 50
-    batch_size: int = 4  # prompts per micro-batch (x group_size rows)
+    batch_size: int = 4  # prompts per micro-batch on each rank (x group_size rows; torchrun: N times this in all)
     grad_accum: int = 1
     lr: float = 1e-5
     warmup_steps: int = 5
@@ -54,3 +54,11 @@ class OPDConfig:
     resume: bool = True
     seed: int = 0
     device: str | None = None
+    # --- scale-out --------------------------------------------------------------------------------
+    # torchrun only (ignored in one process): FSDP2-shard the student (false: replicate it, i.e.
+    # DDP); replicate or shard the frozen teachers and reference.
+    fsdp: bool = True
+    teacher_parallel: str = "replicate"
+    # SGLang servers that score for `teacher` (its path is still read for the tokenizer and the
+    # guard, its weights are not loaded): each batch's rows are dealt round-robin across them.
+    teacher_servers: list = field(default_factory=list)

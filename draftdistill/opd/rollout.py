@@ -240,6 +240,33 @@ class SGLangScorer:
         return scores_from_lists(token, top if k else [], responses, self.device)
 
 
-__all__ = ["Completion", "FORMS", "LocalSampler", "LocalScorer", "SGLangScorer", "Sampler", "Scorer", "TeacherScores",
-           "merge_scores", "scores_from_lists", "scores_from_logits", "sglang_parse_scores",
+class SGLangPool:
+    """A teacher served by several SGLang servers, the way to scale the teacher apart from the
+    trainer: the rows of each call are dealt round-robin across the servers (continuing where the
+    last call stopped) and the servers are asked concurrently."""
+
+    def __init__(self, urls: list[str], post=None, device="cpu", start: int = 0):
+        if not urls:
+            raise ValueError("an SGLang teacher pool needs at least one server URL")
+        self.servers = [SGLangScorer(url, post, device) for url in urls]
+        self.next = start  # e.g. the rank, so that ranks begin on different servers
+
+    def score(self, prompts, responses, forms, top_k, temperature) -> TeacherScores:
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = len(self.servers)
+        dealt: dict[int, list[int]] = {}
+        for row in range(len(prompts)):
+            dealt.setdefault((self.next + row) % n, []).append(row)
+        self.next = (self.next + len(prompts)) % n
+        with ThreadPoolExecutor(len(dealt)) as pool:
+            futures = [(rows, pool.submit(self.servers[s].score, [prompts[r] for r in rows],
+                                          [responses[r] for r in rows], forms, top_k, temperature))
+                       for s, rows in dealt.items()]
+            parts = [(rows, future.result()) for rows, future in futures]
+        return merge_scores(parts, len(prompts), max(1, max(len(r) for r in responses)))
+
+
+__all__ = ["Completion", "FORMS", "LocalSampler", "LocalScorer", "SGLangPool", "SGLangScorer", "Sampler",
+           "Scorer", "TeacherScores", "merge_scores", "scores_from_lists", "scores_from_logits", "sglang_parse_scores",
            "sglang_score_request"]

@@ -24,11 +24,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import weakref
 
 import torch
 import torch.distributed as dist
 
 TEACHER_PARALLEL = ("replicate", "shard")
+_FORWARD_ONLY = weakref.WeakSet()  # sharded models that never run backward (teachers, EMA copies)
 
 
 def launched() -> bool:
@@ -127,10 +129,12 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard_model(model: torch.nn.Module, shard: bool = True) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, shard: bool = True, forward_only: bool = False) -> torch.nn.Module:
     """FSDP2 over each decoder layer, then the root (embeddings, final norm, head), in place; the
     parameters move to this rank's device. shard=False: a (world, 1) mesh, i.e. every rank keeps
-    every parameter and gradients are all-reduced (DDP). Build the optimizer after this."""
+    every parameter and gradients are all-reduced (DDP). Build the optimizer after this.
+    forward_only: a model that never runs backward (a frozen teacher, an EMA copy), whose root
+    must also reshard after forward (no backward would do it)."""
     if not active():
         return model
     from torch.distributed.fsdp import fully_shard
@@ -139,6 +143,8 @@ def shard_model(model: torch.nn.Module, shard: bool = True) -> torch.nn.Module:
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if forward_only:
+        _FORWARD_ONLY.add(model)
     # Gather once here, outside torch.inference_mode: FSDP allocates the unsharded parameters on
     # its first gather, and if that ran inside the decoder (inference mode) they would be inference
     # tensors that no later gather outside it may write.
@@ -153,7 +159,7 @@ def place_frozen(model: torch.nn.Module, how: str, device) -> torch.nn.Module:
         raise ValueError(f"teacher_parallel must be one of {TEACHER_PARALLEL}, got {how!r}")
     if not active() or how == "replicate":
         return model.to(device)
-    return shard_model(model, shard=True)
+    return shard_model(model, shard=True, forward_only=True)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -179,8 +185,9 @@ def gathered(*models: torch.nn.Module):
     finally:
         for unit in units:
             unit.reshard()
-            # FSDP's defaults: the root keeps its parameters after forward, the layers free theirs.
-            unit.set_reshard_after_forward(id(unit) not in roots, recurse=False)
+            # FSDP's defaults: the root of a trained model keeps its parameters after forward (its
+            # backward follows at once), every other unit frees them.
+            unit.set_reshard_after_forward(id(unit) not in roots or unit in _FORWARD_ONLY, recurse=False)
 
 
 # --- state dicts ---------------------------------------------------------------------------------
