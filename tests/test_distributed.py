@@ -186,7 +186,7 @@ def test_opd_two_ranks_by_torchrun_train_like_one_process(data):
                "--quiet"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("trained 3 steps") == 2  # both ranks finish
+    assert done.stdout.count("trained 3 steps") == 1  # rank 0 alone prints
     want, got = losses(root / "opd-1proc"), losses(root / "opd-2rank")
     assert len(want) == 3 and got == pytest.approx(want, rel=1e-4, abs=1e-6)
     assert_same_weights(load_file(root / "opd-2rank" / "final" / "model.safetensors"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -329,6 +330,7 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
     bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="opd",
                disable=not (progress and main))
     for step in bar:
+        started = time.perf_counter()
         generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * world + rank)
         mix = mix_student_at(cfg, step, state)
 
@@ -396,6 +398,7 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
             ema_update(m.ema, student, cfg.ema_decay)
         elif m.ema is not None and (step + 1) % cfg.teacher_refresh_every == 0:
             copy_weights(m.ema, student)
+        seconds = time.perf_counter() - started
 
         # Metrics over the global batch (sums over ranks; every rank gets the same numbers).
         loss_tokens = sums.pop("loss_tokens")
@@ -406,9 +409,11 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
         loss = totals.pop("loss") / loss_tokens
         adapt_mix(cfg, state, loss)
         sampled_tokens = max(1, totals.pop("sampled_tokens"))
+        response_tokens = totals.pop("response_tokens")
         metrics = {"loss": loss, "rkl_estimate": totals.pop("rkl_estimate") / sampled_tokens,
                    "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "mix_student": mix,
-                   "response_tokens": totals.pop("response_tokens") / totals.pop("rows"),
+                   "response_tokens": response_tokens / totals.pop("rows"), "step_seconds": seconds,
+                   "response_tokens_per_second": response_tokens / seconds,
                    "loss_tokens": loss_tokens, **{k: v / loss_tokens for k, v in totals.items()}}
         if reward_rows:
             metrics["reward"] = reward_sum / reward_rows

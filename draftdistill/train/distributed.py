@@ -72,6 +72,12 @@ def setup(device: str | None) -> str | None:
     return device
 
 
+def close() -> None:
+    """Leave the job (the CLI does, once a trainer returns)."""
+    if active():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -199,6 +200,7 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="distill",
                disable=not (progress and main))
     for step in bar:
+        started = time.perf_counter()
         # 1. Build every micro-batch's context first, so the loss is normalised by the step's total
         #    number of scored tokens (not per micro-batch) under gradient accumulation.
         batches, generators = [], []
@@ -234,6 +236,7 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
         grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.max_grad_norm))
         optimizer.step()
         scheduler.step()
+        seconds = time.perf_counter() - started
 
         # Metrics over the global batch (sums over ranks).
         loss_sum, accept, agree, scored, rollout_tokens = distributed.all_sum(
@@ -243,7 +246,8 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
         metrics = {"loss": loss_sum / sums["loss_tokens"], "est_alpha": accept / scored_tokens,
                    "est_greedy_agreement": agree / scored_tokens, "grad_norm": grad_norm,
                    "lr": scheduler.get_last_lr()[0], "scored_tokens": scored_tokens,
-                   "target_rollout_tokens": int(rollout_tokens)}
+                   "target_rollout_tokens": int(rollout_tokens), "step_seconds": seconds,
+                   "scored_tokens_per_second": scored_tokens / seconds}
         log.write(step + 1, **metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", alpha=f"{metrics['est_alpha']:.3f}")
         state["step"] = step + 1
