@@ -145,6 +145,10 @@ def shard_model(model: torch.nn.Module, shard: bool = True, forward_only: bool =
         return model
     from torch.distributed.fsdp import fully_shard
 
+    if not forward_only:  # every rank starts from rank 0's weights (a random init could differ by GPU)
+        with torch.no_grad():
+            for tensor in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
+                dist.broadcast(tensor, src=0)
     mesh = _mesh(shard)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
@@ -166,12 +170,6 @@ def place_frozen(model: torch.nn.Module, how: str, device) -> torch.nn.Module:
     if not active() or how == "replicate":
         return model.to(device)
     return shard_model(model, shard=True, forward_only=True)
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 @contextlib.contextmanager
