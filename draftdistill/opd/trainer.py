@@ -125,7 +125,7 @@ def load_models(cfg: OPDConfig, probes: list, device: str) -> SimpleNamespace:
         check_pair(s_tok, tok, s_stop, stop, s_vocab, vocab, cfg.guard, probes, name)
 
     # Teachers on SGLang servers load no weights here (unless the student is built from them); a
-    # teacher to be sharded is read into CPU memory first, so only its shard reaches the GPU.
+    # teacher to be sharded is read into CPU memory first (FSDP moves it layer by layer, keeping its shard).
     local = "cpu" if distributed.active() and cfg.teacher_parallel == "shard" else device
     teachers = {name: load_target(spec, device=local)[0] for name, spec in specs.items()
                 if built or not servers(cfg)}

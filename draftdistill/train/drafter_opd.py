@@ -146,7 +146,7 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     prompts = load_prompts(cfg.prompts, limit=cfg.prompt_limit or None)
     eval_prompts = load_prompts(cfg.eval_prompts, limit=cfg.eval_num_prompts)
     # Models: a frozen target, a trainable drafter in float32 (its optimizer state too). A target
-    # to be sharded is read into CPU memory first: only its shard reaches the GPU.
+    # to be sharded is read into CPU memory first: FSDP moves it layer by layer, keeping its shard.
     target, tokenizer = load_target(cfg.target, device="cpu" if shard_target else device)
     drafter = load_drafter(cfg.drafter, target, tokenizer).float().train()
     drafter.requires_grad_(True)
