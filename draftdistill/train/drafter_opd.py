@@ -98,17 +98,21 @@ def row_generator(seed: int, position: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + position)
 
 
-def rejected_mask(student_logits, teacher_logits, batch, generators: list[torch.Generator]) -> torch.Tensor:
+def rejected_mask(student_logits, teacher_logits, batch, generator) -> torch.Tensor:
     """Response positions where the drafter's proposal would be rejected by speculative sampling
     (OSD): draw x ~ q at each position, reject when u * q(x) >= p(x). The proposal is drawn here
-    rather than read from the context, which may be the dataset's or the target's token."""
+    rather than read from the context, which may be the dataset's or the target's token.
+    `generator`: one stream for the whole batch (the online distiller), or a list of one per row
+    (the trainer's row streams, which draw the same on any world size)."""
     q = torch.softmax(student_logits.detach().float(), -1)
     p = torch.softmax(teacher_logits.float(), -1)
-    proposal = torch.stack([torch.multinomial(q[row].cpu(), 1, generator=g) for row, g in enumerate(generators)])
-    proposal = proposal.to(q.device)
+    streams = [generator] if isinstance(generator, torch.Generator) else list(generator)
+    chunks = q.reshape(len(streams), -1, q.shape[-1]).cpu()  # the positions each stream draws for
+    proposal = torch.cat([torch.multinomial(c, 1, generator=g) for c, g in zip(chunks, streams)])
+    proposal = proposal.reshape(q.shape[:-1] + (1,)).to(q.device)
     q_x, p_x = q.gather(-1, proposal).squeeze(-1), p.gather(-1, proposal).squeeze(-1)
-    u = torch.stack([torch.rand(q.shape[1], generator=g) for g in generators]).to(q.device)
-    return batch.scored & (u * q_x >= p_x)
+    u = torch.cat([torch.rand(c.shape[0], generator=g) for c, g in zip(chunks, streams)])
+    return batch.scored & (u.reshape(q_x.shape).to(q.device) * q_x >= p_x)
 
 
 def accumulate_gradients(drafter, batches, teacher_logits, masks, loss_fn, temperature: float) -> dict:
