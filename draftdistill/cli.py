@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -144,6 +145,16 @@ def eval_command(target, drafter, prompts, num_prompts, max_new_tokens, gamma, t
         click.echo(f"wrote {plot}")
 
 
+def first_rank() -> bool:
+    """Rank 0 of a torchrun job (or no torchrun): the one process that prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def echo(message: str) -> None:
+    if first_rank():
+        click.echo(message)
+
+
 def config_from_cli(config_class, config: str | None, overrides: tuple):
     """CONFIG [key=value ...] -> the config dataclass (CONFIG may be left out: overrides only),
     echoed so a run's log records every setting."""
@@ -156,7 +167,7 @@ def config_from_cli(config_class, config: str | None, overrides: tuple):
     if config and not Path(config).is_file():
         raise click.BadParameter(f"config file {config} does not exist", param_hint="CONFIG")
     cfg = load_config(config_class, config, overrides)
-    click.echo("config: " + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)))
+    echo("config: " + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)))
     return cfg
 
 
@@ -172,16 +183,21 @@ def train_command(config, overrides, quiet):
     one of its fields (e.g. steps=200 divergence=jsd:beta=0.5 drafter=pruned:4). Metrics go to
     OUT_DIR/metrics.jsonl and OUT_DIR/tensorboard, checkpoints to OUT_DIR/checkpoint (resumed when
     present), the best drafter by held-out tau to OUT_DIR/best (a plain HF directory).
+    Under torchrun (torchrun --nproc-per-node N -m draftdistill.cli train ...) every rank trains on
+    its slice of the global batch (batch_size per rank); see the README, "Multi-GPU and multi-node".
     """
-    from draftdistill.train import DrafterOPDConfig, train_drafter
+    from draftdistill.train import DrafterOPDConfig, distributed, train_drafter
 
     cfg = config_from_cli(DrafterOPDConfig, config, overrides)
-    summary = train_drafter(cfg, progress=not quiet)
-    click.echo(f"held-out tau before {fmt(summary['tau_before'])}, after {fmt(summary['tau_after'])}, "
-               f"best {fmt(summary['best_tau'])}  (gamma {cfg.gamma}, T={cfg.eval_temperature:g}, "
-               f"{cfg.eval_num_prompts} prompts)")
-    click.echo(f"best drafter: {cfg.out_dir}/best   metrics: {cfg.out_dir}/metrics.jsonl   "
-               f"plot: {cfg.out_dir}/alpha_per_position.png")
+    try:
+        summary = train_drafter(cfg, progress=not quiet)
+    finally:
+        distributed.close()
+    echo(f"held-out tau before {fmt(summary['tau_before'])}, after {fmt(summary['tau_after'])}, "
+         f"best {fmt(summary['best_tau'])}  (gamma {cfg.gamma}, T={cfg.eval_temperature:g}, "
+         f"{cfg.eval_num_prompts} prompts)")
+    echo(f"best drafter: {cfg.out_dir}/best   metrics: {cfg.out_dir}/metrics.jsonl   "
+         f"plot: {cfg.out_dir}/alpha_per_position.png")
 
 
 
@@ -197,14 +213,18 @@ def opd_command(config, overrides, quiet):
     entropy-switch, opsd-*, sdpo-feedback, mopd, opd-verifier; see configs/opd/README.md); each
     key=value overrides one field (e.g. student=PATH teacher=PATH steps=200 objective=opd:clip=0.2).
     Metrics go to OUT_DIR/metrics.jsonl, checkpoints to OUT_DIR/checkpoint (resumed when present),
-    the trained student to OUT_DIR/final (a plain HF directory).
+    the trained student to OUT_DIR/final (a plain HF directory). Runs under torchrun like `train`.
     """
     from draftdistill.opd import OPDConfig, train_opd
+    from draftdistill.train import distributed
 
     cfg = config_from_cli(OPDConfig, config, overrides)
-    summary = train_opd(cfg, progress=not quiet)
-    click.echo(f"trained {summary['steps']} steps ({cfg.objective}); student: {summary['final']}   "
-               f"metrics: {cfg.out_dir}/metrics.jsonl")
+    try:
+        summary = train_opd(cfg, progress=not quiet)
+    finally:
+        distributed.close()
+    echo(f"trained {summary['steps']} steps ({cfg.objective}); student: {summary['final']}   "
+         f"metrics: {cfg.out_dir}/metrics.jsonl")
 
 @main.group()
 def bench():

@@ -21,8 +21,7 @@ class OPDConfig:
     guard: str = "error"  # template / EOS mismatch between student and teacher: error | warn
     mask_special_tokens: bool = True  # special tokens (not stop tokens) leave the loss
     # --- servers (SGLang) ---------------------------------------------------------------------------
-    teacher_server: str = ""  # URL(s), comma-separated: the teacher served by SGLang (a pool, round-robin);
-    # `teacher` still names its files, for the tokenizer/template guard. Needs teacher_scores topk | token.
+    # teacher_servers (under scale-out below): the teacher served by a pool of SGLang servers
     rollout_server: str = ""  # URL of an SGLang server with the student's architecture: student rollouts
     # come from it, the student's weights pushed to it at start and after every optimizer step
     server_patience: float = 900.0  # seconds a step waits for failing servers before the run stops
@@ -51,7 +50,7 @@ class OPDConfig:
     reward_weight: float = 0.0  # weight of the verifier reward's policy-gradient term
     # --- optimisation -----------------------------------------------------------------------------
     steps: int = 50
-    batch_size: int = 4  # prompts per micro-batch (x group_size rows)
+    batch_size: int = 4  # prompts per micro-batch on each rank (x group_size rows; torchrun: N times this in all)
     grad_accum: int = 1
     lr: float = 1e-5
     warmup_steps: int = 5
@@ -62,3 +61,11 @@ class OPDConfig:
     resume: bool = True
     seed: int = 0
     device: str | None = None
+    # --- scale-out --------------------------------------------------------------------------------
+    # torchrun only (ignored in one process): FSDP2-shard the student (false: replicate it, i.e.
+    # DDP); replicate or shard the frozen teachers and reference.
+    fsdp: bool = True
+    teacher_parallel: str = "replicate"
+    # SGLang servers that score for `teacher` (its path is still read for the tokenizer and the
+    # guard, its weights are not loaded): each batch's rows are dealt round-robin across them.
+    teacher_servers: list = field(default_factory=list)

@@ -44,16 +44,16 @@ class _Pool:
     and, once every server has failed, waits (1 s, doubling, at most 30 s) until `patience`
     seconds of waiting are spent."""
 
-    def __init__(self, urls, timeout: float, patience: float, sleep=time.sleep):
+    def __init__(self, urls, timeout: float, patience: float, start: int = 0, sleep=time.sleep):
         self.clients = [_client(u, timeout) for u in split_urls(urls)]
-        self.patience, self.sleep = patience, sleep
+        self.patience, self.start, self.sleep = patience, start, sleep
 
     def call(self, row: int, fn):
         from draftdistill.serving.sglang_client import SGLangError
 
         waited, wait, attempt = 0.0, 1.0, 0
         while True:
-            client = self.clients[(row + attempt) % len(self.clients)]
+            client = self.clients[(self.start + row + attempt) % len(self.clients)]
             try:
                 return fn(client)
             except SGLangError as err:
@@ -76,9 +76,10 @@ class SGLangScorer:
     log-probs only: a server does not return full logits."""
 
     def __init__(self, urls: str | list[str], timeout: float = 600.0, patience: float = 900.0,
-                 concurrency: int = 8, device="cpu"):
-        self.pool = _Pool(urls, timeout, patience)
-        self.concurrency, self.device = concurrency, device
+                 concurrency: int = 8, start: int = 0, device="cpu"):
+        """start: the server row 0 goes to (a rank, so ranks begin on different servers)."""
+        self.pool = _Pool(urls, timeout, patience, start)
+        self.concurrency, self.device, self.dealt = concurrency, device, 0
 
     def score(self, prompts, responses, forms, top_k, temperature) -> TeacherScores:
         if "logits" in forms:
@@ -87,9 +88,10 @@ class SGLangScorer:
         if temperature != 1.0:
             raise ValueError("SGLang scores with the raw logits: a server teacher needs loss_temperature=1")
         k = top_k if "topk" in forms else 0
+        offset, self.dealt = self.dealt, self.dealt + len(prompts)  # each call goes on where the last stopped
 
         def one(row):
-            scores = self.pool.call(row, lambda c: c.score(prompts[row], responses[row], top_k=k))
+            scores = self.pool.call(offset + row, lambda c: c.score(prompts[row], responses[row], top_k=k))
             top = [] if scores.top_k is None else list(zip(scores.top_k.ids.tolist(), scores.top_k.logprobs.tolist()))
             return scores.token.logprobs.tolist(), top
 

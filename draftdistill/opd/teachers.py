@@ -68,6 +68,13 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
+def copy_weights(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """dst's parameters := src's (same architecture; plain, or sharded the same way by FSDP)."""
+    for mine, theirs in zip(dst.parameters(), src.parameters()):
+        mine.copy_(theirs.detach().to(mine.dtype))
+
+
+@torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for shadow, live in zip(ema.parameters(), model.parameters()):
         shadow.mul_(decay).add_(live.detach().to(shadow.dtype), alpha=1 - decay)

@@ -7,12 +7,17 @@
 Every objective (OPD, GKD, MiniLLM, DistiLLM, G-OPD, AOPD, entropy switch, OPSD, MOPD) is a
 config over this loop: configs/opd/*.yaml. All randomness of a step derives from (seed, step), and
 every piece of state (weights, optimizer, scheduler, mix schedule, EMA teacher) is checkpointed,
-so a resumed run repeats the next step exactly.
+so a resumed run repeats the next step exactly. Under torchrun each rank trains on its slice of the
+global batch (draftdistill/train/distributed.py); the batched sampler draws all of a micro-batch's
+rows from one stream per (step, rank), so sampled rollouts are the same distribution, not the same
+draws, on another world size (greedy or dataset rollouts are the same rows).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +29,7 @@ from tqdm.auto import tqdm
 from draftdistill.data import encode_prompt, load_prompts, stop_token_ids
 from draftdistill.models import default_device, load_drafter, load_model, load_target, load_tokenizer
 from draftdistill.models.loading import resolve_model_source
+from draftdistill.train import distributed
 from draftdistill.train.batching import pack, response_logits
 from draftdistill.train.checkpoint import export_hf, load_checkpoint, save_checkpoint
 from draftdistill.train.drafter_opd import batch_indices, lr_lambda
@@ -35,7 +41,7 @@ from .objectives import Micro, Objective, build_objective, reward_term
 from .rewards import FEEDBACK, REWARDS
 from .rollout import LocalSampler, LocalScorer, Sampler, Scorer, merge_scores
 from .server import SGLangSampler, SGLangScorer
-from .teachers import (PRIVILEGED_KINDS, SELF_TEACHERS, attach_field, ema_update, frozen_copy,
+from .teachers import (PRIVILEGED_KINDS, SELF_TEACHERS, attach_field, copy_weights, ema_update, frozen_copy,
                        privileged_prompt)
 
 MIX_SCHEDULES = ("constant", "linear", "adaptive")
@@ -62,6 +68,16 @@ def check_config(cfg: OPDConfig) -> Objective:
         raise ValueError("several teachers (MOPD) need route_field: the prompt field that picks one")
     if cfg.group_size < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.max_new_tokens < 1:
         raise ValueError("group_size, batch_size, grad_accum and max_new_tokens must be >= 1")
+    if cfg.teacher_parallel not in distributed.TEACHER_PARALLEL:
+        raise ValueError(f"teacher_parallel must be one of {distributed.TEACHER_PARALLEL}, "
+                         f"got {cfg.teacher_parallel!r}")
+    if cfg.teacher_parallel == "shard" and cfg.teachers:
+        # A sharded forward needs every rank, and routing sends each rank's rows to other teachers.
+        raise ValueError("teacher_parallel=shard does not support several routed teachers (MOPD); use replicate")
+    if servers(cfg) and (cfg.teachers or cfg.teacher in ("self", "none")):
+        raise ValueError("teacher_servers score for `teacher` only: not with several teachers, teacher=self or none")
+    if servers(cfg) and cfg.teacher_scores == "logits":
+        raise ValueError("an SGLang teacher returns top-k or token log-probs: set teacher_scores=topk or token")
     objective = build_objective(cfg.objective, cfg.divergence, cfg.teacher_scores, cfg.importance_sampling)
     if (cfg.teacher == "none" and not cfg.teachers) != (not objective.needs):
         raise ValueError(f"objective {cfg.objective!r} " + ("needs a teacher" if objective.needs else
@@ -70,14 +86,19 @@ def check_config(cfg: OPDConfig) -> Objective:
         raise ValueError("sft trains on the dataset answers only: mix_student=0, mix_schedule=constant, no verifier")
     if cfg.mix_schedule == "adaptive" and cfg.adaptive_validation < 1:
         raise ValueError("mix_schedule=adaptive needs adaptive_validation >= 1 held-out prompts")
-    if cfg.teacher_server and (cfg.teachers or cfg.teacher in ("self", "none") or cfg.teacher_scores == "logits"):
-        raise ValueError("teacher_server serves one teacher model (not self, none or a MOPD set) and returns "
-                         "top-k or token log-probs: set teacher_scores=topk or token")
-    if cfg.teacher_server and cfg.loss_temperature != 1.0:
-        raise ValueError("SGLang scores with the raw logits: teacher_server needs loss_temperature=1")
+    if servers(cfg) and cfg.loss_temperature != 1.0:
+        raise ValueError("SGLang scores with the raw logits: teacher_servers needs loss_temperature=1")
+    if cfg.rollout_server and distributed.active():
+        raise ValueError("rollout_server is for one process for now: under torchrun, sample in-process")
     if objective.needs_reference and not cfg.reference:
         raise ValueError(f"objective {cfg.objective!r} needs a reference model: reference=student or a path")
     return objective
+
+
+def servers(cfg: OPDConfig) -> list[str]:
+    """teacher_servers as a list (a comma-separated string is accepted too)."""
+    urls = cfg.teacher_servers
+    return [u.strip() for u in urls.split(",") if u.strip()] if isinstance(urls, str) else list(urls)
 
 
 def model_info(spec: str):
@@ -115,11 +136,14 @@ def load_models(cfg: OPDConfig, probes: list, device: str) -> SimpleNamespace:
     for name, (tok, stop, vocab) in infos.items():  # before any weights: a bad pair costs nothing
         check_pair(s_tok, tok, s_stop, stop, s_vocab, vocab, cfg.guard, probes, name)
 
-    # A served teacher's weights stay on its server (its files still gave the guard its tokenizer).
-    teachers = {} if cfg.teacher_server else {name: load_target(spec, device=device)[0] for name, spec in specs.items()}
-    if built and cfg.teacher_server:
-        raise ValueError(f"student {cfg.student!r} is built from the teacher's weights; with teacher_server "
+    # Teachers on SGLang servers load no weights here (their files still gave the guard its
+    # tokenizer); a teacher to be sharded is read into CPU memory first (FSDP moves it layer by
+    # layer, keeping its shard).
+    if built and servers(cfg):
+        raise ValueError(f"student {cfg.student!r} is built from the teacher's weights; with teacher_servers "
                          "give the student as a model path")
+    local = "cpu" if distributed.active() and cfg.teacher_parallel == "shard" else device
+    teachers = {} if servers(cfg) else {name: load_target(spec, device=local)[0] for name, spec in specs.items()}
     if built:
         student = load_drafter(cfg.student, next(iter(teachers.values())), s_tok)
     else:
@@ -138,7 +162,7 @@ def load_models(cfg: OPDConfig, probes: list, device: str) -> SimpleNamespace:
     if cfg.reference == "student":
         reference = frozen_copy(student)
     elif cfg.reference:
-        reference = load_target(cfg.reference, device=device)[0]
+        reference = load_target(cfg.reference, device=local)[0]
     return SimpleNamespace(student=student, tokenizer=s_tok, stop=s_stop, loss_stops=sorted(stops),
                            teachers=teachers, tokenizers=tokenizers, reference=reference, ema=ema)
 
@@ -167,16 +191,17 @@ def adapt_mix(cfg: OPDConfig, state: dict, validation_loss: float) -> None:
     state["previous_validation_loss"] = validation_loss
 
 
-def centred_rewards(rewards: list[float | None], group_size: int) -> list[float]:
+def centred_rewards(rewards: list[float | None], group_size: int, step_mean: float | None = None) -> list[float]:
     """Reward minus a baseline: the group mean (group_size > 1) or the mean over the step's
-    student rows (group size 1); None (dataset rows) -> 0."""
+    student rows (group size 1; `step_mean` when the step spans several ranks); None (dataset
+    rows) -> 0."""
     out = [0.0] * len(rewards)
     groups = [range(i, i + group_size) for i in range(0, len(rewards), group_size)] if group_size > 1 \
         else [range(len(rewards))]
     for group in groups:
         values = [rewards[i] for i in group if rewards[i] is not None]
         if values:
-            base = sum(values) / len(values)
+            base = sum(values) / len(values) if step_mean is None or group_size > 1 else step_mean
             for i in group:
                 if rewards[i] is not None:
                     out[i] = rewards[i] - base
@@ -186,8 +211,10 @@ def centred_rewards(rewards: list[float | None], group_size: int) -> list[float]
 def accumulate(student, micros: list[Micro], objective: Objective, temperature: float,
                reward_weight: float = 0.0) -> dict:
     """Backward over every micro-batch of a step. Each loss is a sum over tokens divided by the
-    step's total loss tokens, so any split into micro-batches gives the gradient of one big batch."""
-    total = max(1, int(sum(int(m.mask.sum()) for m in micros)))
+    step's total loss tokens (over every micro-batch and rank), so any split into micro-batches and
+    ranks gives the gradient of one big batch. Returns this rank's sums and the global token count."""
+    total = max(1, int(distributed.all_sum([sum(int(m.mask.sum()) for m in micros)])[0]))
+    scale = distributed.grad_scale()  # undoes the average over ranks of the gradient reduction
     sums = {"loss": 0.0, "loss_tokens": total, "rkl_estimate": 0.0, "sampled_tokens": 0}
     for micro in micros:
         logits = response_logits(student, micro.batch)
@@ -195,7 +222,7 @@ def accumulate(student, micros: list[Micro], objective: Objective, temperature: 
         if reward_weight and micro.reward is not None:
             loss_tokens = loss_tokens + reward_term(logits, micro, temperature, reward_weight)
         loss = torch.where(micro.mask, loss_tokens, 0.0).sum()
-        (loss / total).backward()
+        (loss / total * scale).backward()
         sums["loss"] += float(loss.detach())
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value
@@ -213,9 +240,12 @@ def accumulate(student, micros: list[Micro], objective: Objective, temperature: 
 
 def save_ema(out: Path, ema, step: int) -> None:
     """EMA teacher weights beside the checkpoint, tagged by step (written before the checkpoint,
-    so the one a checkpoint needs always exists)."""
+    so the one a checkpoint needs always exists). Under torchrun every rank calls it (a gather)."""
+    weights = distributed.full_state_dict(ema)
+    if not distributed.is_main():
+        return
     tmp = out / f".ema-{step}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()
+    save_file({k: v.contiguous() for k, v in weights.items()
                if k != "lm_head.weight" or not ema.config.tie_word_embeddings}, tmp)
     os.replace(tmp, out / f"ema-{step}.safetensors")
 
@@ -233,12 +263,13 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
               scorers: dict[str, Scorer] | None = None) -> dict:
     """Run the recipe. `sampler` / `scorers` replace the in-process student sampler / teachers
     (e.g. server backends); by default both run in this process."""
+    objective = check_config(cfg)  # before anything is read
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = cfg.device or default_device()
+    device = distributed.setup(cfg.device) or default_device()
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     torch.manual_seed(cfg.seed)
 
-    objective = check_config(cfg)  # before anything is read
     prompts = load_prompts(cfg.prompts, limit=cfg.prompt_limit or None)
     if cfg.route_field:
         attach_field(prompts, cfg.prompts, cfg.route_field)
@@ -246,14 +277,22 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
         if unknown:
             raise ValueError(f"prompts route to {unknown}, which are not in teachers {sorted(cfg.teachers)}")
     m = load_models(cfg, [PROBE, prompts[0].messages], device)
-    student, tokenizer = m.student, m.tokenizer
+    # Under torchrun: the student (and a self-teacher that follows it, parameter by parameter) is
+    # sharded or replicated by FSDP2; frozen teachers follow teacher_parallel. In place.
+    student, tokenizer = distributed.shard_model(m.student.to(device), cfg.fsdp), m.tokenizer
+    for model in {id(t): t for t in [*m.teachers.values(), m.reference] if t is not None}.values():
+        if model is m.ema:
+            distributed.shard_model(model.to(device), cfg.fsdp, forward_only=True)
+        elif model is not student:
+            distributed.place_frozen(model, cfg.teacher_parallel, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else m.stop[0]
+    own_sampler = sampler is None and not cfg.rollout_server  # in-process sampling needs the whole student
     if sampler is None and cfg.rollout_server:
         sampler = SGLangSampler(cfg.rollout_server, m.stop, cfg.rollout_temperature, cfg.top_p,
                                 patience=cfg.server_patience)
     sampler = sampler or LocalSampler(student, m.stop, pad_id, cfg.rollout_temperature, cfg.top_p)
-    if scorers is None and cfg.teacher_server:
-        scorers = {"teacher": SGLangScorer(cfg.teacher_server, patience=cfg.server_patience)}
+    if scorers is None and servers(cfg):  # rank r starts on server r
+        scorers = {"teacher": SGLangScorer(servers(cfg), patience=cfg.server_patience, start=rank, device=device)}
     scorers = scorers or {name: LocalScorer(model, pad_id) for name, model in m.teachers.items()}
     ref_scorer = LocalScorer(m.reference, pad_id) if m.reference is not None else None
     # Only what the objective reads: full logits [B, R, V] are the largest tensor of the step.
@@ -347,31 +386,34 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
     if cfg.resume and (out / "checkpoint" / "trainer_state.json").is_file():
         state = load_checkpoint(out / "checkpoint", student, optimizer, scheduler)
         if m.ema is not None:  # the EMA / refreshed self-teacher of that step
-            missing, unexpected = m.ema.load_state_dict(load_file(out / f"ema-{state['step']}.safetensors"),
-                                                        strict=False)
+            missing, unexpected = distributed.load_full_state_dict(
+                m.ema, load_file(out / f"ema-{state['step']}.safetensors"))
             if [k for k in missing if k != "lm_head.weight"] or unexpected:
                 raise ValueError(f"{out}: self-teacher weights do not match (missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]})")
     sync = getattr(sampler, "sync", None)  # a server sampler samples from the weights last pushed to it
     if sync is not None:
         sync(student, state["step"])
-    log = MetricsLog(out)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    log = MetricsLog(out, enabled=main)
+    if main:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
     bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="opd",
-               disable=not progress)
+               disable=not (progress and main))
     for step in bar:
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * world + rank)
         mix = mix_student_at(cfg, step, state)
 
         # 1. Rollouts for the whole step first: rewards are centred, and the loss normalised, over it.
         rows = []  # per micro-batch: (prompt indices, responses, sampler log-probs or None, texts)
         for micro in range(cfg.grad_accum):
-            indices = [i for i in batch_indices(step, micro, cfg, order) for _ in range(cfg.group_size)]
+            indices = [i for i in batch_indices(step, micro, cfg, order, rank, world) for _ in range(cfg.group_size)]
             by_student = (torch.rand(len(indices), generator=generator) < mix).tolist()
             chosen = [i for i, s in zip(indices, by_student) if s]
-            samples = iter(sampler.sample([student_ids[i] for i in chosen], cfg.max_new_tokens, generator)
-                           if chosen else [])
+            with distributed.gathered(student) if own_sampler else contextlib.nullcontext():
+                samples = iter(sampler.sample([student_ids[i] for i in chosen], cfg.max_new_tokens, generator)
+                               if chosen else [])
             responses, logps = [], []
             for index, own in zip(indices, by_student):
                 c = next(samples) if own else None
@@ -381,7 +423,10 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
             rows.append((indices, responses, logps, by_student, texts))
         flat_rewards = [REWARDS[cfg.verifier](t, prompts[i].reference) if own and cfg.verifier else None
                         for indices, _, _, owns, texts in rows for i, own, t in zip(indices, owns, texts)]
-        centred = iter(centred_rewards(flat_rewards, cfg.group_size))
+        given = [r for r in flat_rewards if r is not None]
+        reward_sum, reward_rows = distributed.all_sum([sum(given), len(given)])
+        step_mean = reward_sum / reward_rows if reward_rows and world > 1 else None
+        centred = iter(centred_rewards(flat_rewards, cfg.group_size, step_mean))
 
         # 2. Teacher (and reference) scores of the same tokens; loss masks.
         tally["teacher_tokens"] = 0
@@ -391,7 +436,7 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
         # 3. Student forward and backward, one optimizer step.
         optimizer.zero_grad(set_to_none=True)
         sums = accumulate(student, micros, objective, cfg.loss_temperature, cfg.reward_weight)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         optimizer.step()
         scheduler.step()
         if sync is not None:
@@ -399,30 +444,36 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
         if m.ema is not None and cfg.self_teacher == "ema":
             ema_update(m.ema, student, cfg.ema_decay)
         elif m.ema is not None and (step + 1) % cfg.teacher_refresh_every == 0:
-            m.ema.load_state_dict(student.state_dict())
+            copy_weights(m.ema, student)
+        seconds = time.perf_counter() - started
 
+        # Metrics over the global batch (sums over ranks; every rank gets the same numbers).
         loss_tokens = sums.pop("loss_tokens")
-        loss = sums.pop("loss") / loss_tokens
-        sampled_tokens, rkl_sum = sums.pop("sampled_tokens"), sums.pop("rkl_estimate")
         all_rows = [r for (_, responses, _, _, _) in rows for r in responses]
-        rewards = [r for r in flat_rewards if r is not None]
         # Compute accounting, in model-forward tokens: the student's rollouts (prompt prefill + sampled
         # tokens), the teachers' scoring forwards, and the student's training forward (+ backward).
-        rollout_tokens = sum(len(student_ids[i]) + len(r) for indices, responses, _, owns, _ in rows
-                             for i, r, own in zip(indices, responses, owns) if own)
-        train_tokens = sum(int(micro.batch.attention.sum()) for micro in micros)
+        sums["rollout_tokens"] = sum(len(student_ids[i]) + len(r) for indices, responses, _, owns, _ in rows
+                                     for i, r, own in zip(indices, responses, owns) if own)
+        sums["teacher_tokens"] = tally["teacher_tokens"]
+        sums["train_tokens"] = sum(int(micro.batch.attention.sum()) for micro in micros)
+        keys = sorted(sums)
+        totals = dict(zip(keys + ["response_tokens", "rows"], distributed.all_sum(
+            [sums[k] for k in keys] + [sum(map(len, all_rows)), len(all_rows)])))
+        loss = totals.pop("loss") / loss_tokens
+        sampled_tokens, rkl_sum = totals.pop("sampled_tokens"), totals.pop("rkl_estimate")
+        response_tokens = totals.pop("response_tokens")
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "mix_student": mix,
-                   "response_tokens": sum(map(len, all_rows)) / len(all_rows),
-                   "loss_tokens": loss_tokens, "rollout_tokens": rollout_tokens,
-                   "teacher_tokens": tally["teacher_tokens"], "train_tokens": train_tokens,
-                   **{k: v / loss_tokens for k, v in sums.items()}}
+                   "response_tokens": response_tokens / totals.pop("rows"), "step_seconds": seconds,
+                   "response_tokens_per_second": response_tokens / seconds, "loss_tokens": loss_tokens,
+                   **{k: int(totals.pop(k)) for k in ("rollout_tokens", "teacher_tokens", "train_tokens")},
+                   **{k: v / loss_tokens for k, v in totals.items()}}
         if sampled_tokens:
             metrics["rkl_estimate"] = rkl_sum / sampled_tokens
         if validation and (step + 1) % cfg.adaptive_window == 0:
             metrics["validation_loss"] = validation_loss()
             adapt_mix(cfg, state, metrics["validation_loss"])
-        if rewards:
-            metrics["reward"] = sum(rewards) / len(rewards)
+        if reward_rows:
+            metrics["reward"] = reward_sum / reward_rows
         log.write(step + 1, **metrics)
         bar.set_postfix(loss=f"{loss:.3f}", rkl=f"{metrics.get('rkl_estimate', float('nan')):.3f}")
         state["step"] = step + 1
@@ -430,10 +481,12 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
             if m.ema is not None:
                 save_ema(out, m.ema, state["step"])
             save_checkpoint(out / "checkpoint", student, optimizer, scheduler, state)
-            drop_old_ema(out, state["step"])
+            if main:
+                drop_old_ema(out, state["step"])
 
     export_hf(out / "final", student, tokenizer)
     summary = {"steps": state["step"], "out_dir": str(out), "final": str(out / "final"),
                "objective": cfg.objective}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

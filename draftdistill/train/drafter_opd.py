@@ -6,12 +6,15 @@
 
 Every few steps the drafter is measured on held-out prompts with the real lossless decoder; the
 best drafter by held-out tau is exported, because acceptance can fall while the loss keeps falling.
-All randomness of a step derives from (seed, step), so a resumed run repeats the next step exactly.
+Every random draw of a row derives from (seed, the row's position in the prompt stream), so a
+resumed run repeats the next step exactly, and N torchrun ranks with batch_size B draw what one
+process draws with batch_size N * B (see distributed.py).
 """
 from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from draftdistill.losses import acceptance_rate, get_divergence, parse_divergenc
 from draftdistill.models import default_device, load_drafter, load_target, require_lm_drafter
 from draftdistill.spec import SamplingConfig
 
+from . import distributed
 from .checkpoint import export_hf, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog
 from .batching import pack, response_logits
@@ -47,7 +51,7 @@ class DrafterOPDConfig:
     loss_temperature: float = 1.0  # temperature of both distributions inside the divergence
     rejected_only: bool = False  # OSD: loss only where the target would reject the drafter's token
     steps: int = 60
-    batch_size: int = 4
+    batch_size: int = 4  # prompts per micro-batch on each rank (torchrun: the global batch is N times this)
     grad_accum: int = 1
     lr: float = 1e-4
     warmup_steps: int = 5
@@ -62,6 +66,10 @@ class DrafterOPDConfig:
     resume: bool = True  # continue from out_dir/checkpoint when it exists
     seed: int = 0
     device: str | None = None
+    # torchrun only (ignored in one process): FSDP2-shard the drafter (false: replicate it, i.e.
+    # DDP), and replicate or shard the frozen target.
+    fsdp: bool = True
+    teacher_parallel: str = "replicate"
 
 
 def lr_lambda(cfg: DrafterOPDConfig):
@@ -73,34 +81,52 @@ def lr_lambda(cfg: DrafterOPDConfig):
     return scale
 
 
-def batch_indices(step: int, micro: int, cfg: DrafterOPDConfig, order: torch.Tensor) -> list[int]:
-    start = (step * cfg.grad_accum + micro) * cfg.batch_size
-    return [int(order[(start + i) % len(order)]) for i in range(cfg.batch_size)]
+def batch_positions(step: int, micro: int, cfg, rank: int = 0, world: int = 1) -> list[int]:
+    """Positions in the endless prompt stream of one micro-batch on one rank: the step's global
+    micro-batch is batch_size * world rows and rank r takes its r-th slice."""
+    start = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
+    return list(range(start, start + cfg.batch_size))
+
+
+def batch_indices(step: int, micro: int, cfg, order: torch.Tensor, rank: int = 0, world: int = 1) -> list[int]:
+    """Prompt indices of one micro-batch on one rank (the stream wraps around the shuffled order)."""
+    return [int(order[p % len(order)]) for p in batch_positions(step, micro, cfg, rank, world)]
+
+
+def row_generator(seed: int, position: int) -> torch.Generator:
+    """The random stream of one row, whichever rank and micro-batch it lands on."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + position)
 
 
 def rejected_mask(student_logits, teacher_logits, batch, generator) -> torch.Tensor:
     """Response positions where the drafter's proposal would be rejected by speculative sampling
     (OSD): draw x ~ q at each position, reject when u * q(x) >= p(x). The proposal is drawn here
-    rather than read from the context, which may be the dataset's or the target's token."""
+    rather than read from the context, which may be the dataset's or the target's token.
+    `generator`: one stream for the whole batch (the online distiller), or a list of one per row
+    (the trainer's row streams, which draw the same on any world size)."""
     q = torch.softmax(student_logits.detach().float(), -1)
     p = torch.softmax(teacher_logits.float(), -1)
-    flat = q.reshape(-1, q.shape[-1]).cpu()
-    proposal = torch.multinomial(flat, 1, generator=generator).reshape(q.shape[:-1] + (1,)).to(q.device)
+    streams = [generator] if isinstance(generator, torch.Generator) else list(generator)
+    chunks = q.reshape(len(streams), -1, q.shape[-1]).cpu()  # the positions each stream draws for
+    proposal = torch.cat([torch.multinomial(c, 1, generator=g) for c, g in zip(chunks, streams)])
+    proposal = proposal.reshape(q.shape[:-1] + (1,)).to(q.device)
     q_x, p_x = q.gather(-1, proposal).squeeze(-1), p.gather(-1, proposal).squeeze(-1)
-    u = torch.rand(q_x.shape, generator=generator).to(q.device)
-    return batch.scored & (u * q_x >= p_x)
+    u = torch.cat([torch.rand(c.shape[0], generator=g) for c, g in zip(chunks, streams)])
+    return batch.scored & (u.reshape(q_x.shape).to(q.device) * q_x >= p_x)
 
 
 def accumulate_gradients(drafter, batches, teacher_logits, masks, loss_fn, temperature: float) -> dict:
     """Backward over every micro-batch of a step. The loss is a sum over tokens divided by the
-    step's total number of loss tokens, so micro-batches of any size give the gradient of one big
-    batch (a per-micro-batch mean would overweight the short ones)."""
-    total_tokens = max(1, int(sum(m.sum() for m in masks)))
+    step's total number of loss tokens (over every micro-batch and rank), so micro-batches of any
+    size, on any number of ranks, give the gradient of one big batch (a per-micro-batch mean would
+    overweight the short ones). Returns this rank's sums and the global token count."""
+    total_tokens = max(1, int(distributed.all_sum([sum(int(m.sum()) for m in masks)])[0]))
+    scale = distributed.grad_scale()  # undoes the average over ranks of the gradient reduction
     sums = {"loss": 0.0, "accept": 0.0, "agree": 0.0, "loss_tokens": total_tokens}
     for batch, t_logits, mask in zip(batches, teacher_logits, masks):
         s_logits = response_logits(drafter, batch)
         loss = loss_fn(s_logits, t_logits, mask, temperature=temperature, reduction="sum")
-        (loss / total_tokens).backward()
+        (loss / total_tokens * scale).backward()
         sums["loss"] += float(loss.detach())
         with torch.no_grad():  # training-time acceptance estimates over all response positions
             sums["accept"] += float(acceptance_rate(s_logits, t_logits, batch.scored, reduction="sum"))
@@ -109,20 +135,29 @@ def accumulate_gradients(drafter, batches, teacher_logits, masks, loss_fn, tempe
 
 
 def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
+    """Under torchrun every rank runs this; rank 0 alone logs and writes files."""
+    if cfg.teacher_parallel not in distributed.TEACHER_PARALLEL:
+        raise ValueError(f"teacher_parallel must be one of {distributed.TEACHER_PARALLEL}, "
+                         f"got {cfg.teacher_parallel!r}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = cfg.device or default_device()
+    device = distributed.setup(cfg.device) or default_device()
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    shard_target = distributed.active() and cfg.teacher_parallel == "shard"
     torch.manual_seed(cfg.seed)
 
     # Prompts first, so a malformed file fails before any model is loaded.
     prompts = load_prompts(cfg.prompts, limit=cfg.prompt_limit or None)
     eval_prompts = load_prompts(cfg.eval_prompts, limit=cfg.eval_num_prompts)
-    # Models: a frozen target, a trainable drafter in float32 (its optimizer state too).
-    target, tokenizer = load_target(cfg.target, device=device)
+    # Models: a frozen target, a trainable drafter in float32 (its optimizer state too). A target
+    # to be sharded is read into CPU memory first: FSDP moves it layer by layer, keeping its shard.
+    target, tokenizer = load_target(cfg.target, device="cpu" if shard_target else device)
     drafter = load_drafter(cfg.drafter, target, tokenizer)
     require_lm_drafter(drafter, "draftdistill train")
     drafter = drafter.float().train()
     drafter.requires_grad_(True)
+    drafter = distributed.shard_model(drafter.to(device), cfg.fsdp)
+    target = distributed.place_frozen(target, cfg.teacher_parallel, device)
     eos = stop_token_ids(tokenizer, target)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
@@ -131,7 +166,8 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
     rollouts = RolloutSource(target, drafter, tokenizer, prompts, prompt_ids, response_tokens=cfg.response_tokens,
                              temperature=cfg.rollout_temperature, eos_token_id=eos, seed=cfg.seed,
-                             cache_path=cfg.target_cache or None, cache_tag=cfg.target)
+                             cache_path=cfg.target_cache or None, cache_tag=cfg.target,
+                             write_cache=main or not shard_target)
     mix = {"dataset": cfg.mix_dataset, "target": cfg.mix_target, "drafter": cfg.mix_drafter}
     name, params = parse_divergence(cfg.divergence)
     loss_fn = get_divergence(name, **params)
@@ -141,16 +177,21 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     state = {"step": 0, "best_tau": None, "tau_before": None, "alpha_before": None}
     if cfg.resume and (out / "checkpoint" / "trainer_state.json").is_file():
         state = load_checkpoint(out / "checkpoint", drafter, optimizer, scheduler)
-    log = MetricsLog(out)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    log = MetricsLog(out, enabled=main)
+    if main:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
     def evaluate(step: int) -> dict:
+        # Every rank decodes the same prompts the same way (a sharded target needs every rank in
+        # each forward); rank 0's report decides, so all ranks agree on exporting.
         drafter.eval()
-        report = evaluate_drafter(target, drafter, eval_ids, gamma=cfg.gamma,
-                                  sampling=SamplingConfig(temperature=cfg.eval_temperature),
-                                  max_new_tokens=cfg.eval_max_new_tokens, eos_token_id=eos,
-                                  seed=cfg.seed, baseline=False, progress=False)["speculative"]
+        with distributed.gathered(drafter):
+            report = evaluate_drafter(target, drafter, eval_ids, gamma=cfg.gamma,
+                                      sampling=SamplingConfig(temperature=cfg.eval_temperature),
+                                      max_new_tokens=cfg.eval_max_new_tokens, eos_token_id=eos,
+                                      seed=cfg.seed, baseline=False, progress=False)["speculative"]
         drafter.train()
+        report = distributed.broadcast(report)
         log.write(step, eval_tau=report["tau"], eval_alpha=report["alpha"],
                   eval_alpha_per_position=report["alpha_per_position"])
         if state["best_tau"] is None or report["tau"] > state["best_tau"]:
@@ -163,43 +204,63 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
         state["tau_before"], state["alpha_before"] = before["tau"], before["alpha_per_position"]
 
     bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="distill",
-               disable=not progress)
+               disable=not (progress and main))
     for step in bar:
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        started = time.perf_counter()
         # 1. Build every micro-batch's context first, so the loss is normalised by the step's total
         #    number of scored tokens (not per micro-batch) under gradient accumulation.
-        batches = []
+        batches, generators = [], []
         for micro in range(cfg.grad_accum):
-            indices = batch_indices(step, micro, cfg, order)
+            mine = batch_positions(step, micro, cfg, rank, world)
+            # A sharded target needs every rank in each forward: then every rank draws the sources
+            # of the whole global micro-batch and samples its target rows, in the same order.
+            drawn = [p for r in range(world) for p in batch_positions(step, micro, cfg, r, world)] \
+                if shard_target else mine
+            rows = {p: row_generator(cfg.seed, p) for p in drawn}
+            sources = {p: pick_source(mix, rows[p]) for p in drawn}
+            if shard_target:
+                for p in drawn:
+                    if sources[p] == "target":
+                        rollouts.target_response(int(order[p % len(order)]))
+            indices = [int(order[p % len(order)]) for p in mine]
             drafter.eval()
-            responses = [rollouts.response(i, pick_source(mix, generator), generator) for i in indices]
+            with distributed.gathered(drafter):
+                responses = [rollouts.response(i, sources[p], rows[p]) for i, p in zip(indices, mine)]
             drafter.train()
             batches.append(pack([prompt_ids[i][0].tolist() for i in indices], responses, pad_id).to(device))
+            generators.append([rows[p] for p in mine])
 
         # 2. Teacher scores, drafter forward, divergence at every response position.
         with torch.no_grad():
             teacher = [response_logits(target, batch) for batch in batches]
             masks = [batch.scored for batch in batches]
             if cfg.rejected_only:  # needs the drafter's q before any backward, to count the scored tokens
-                masks = [rejected_mask(response_logits(drafter, batch), t_logits, batch, generator)
-                         for batch, t_logits in zip(batches, teacher)]
+                masks = [rejected_mask(response_logits(drafter, batch), t_logits, batch, gens)
+                         for batch, t_logits, gens in zip(batches, teacher, generators)]
         optimizer.zero_grad(set_to_none=True)
         sums = accumulate_gradients(drafter, batches, teacher, masks, loss_fn, cfg.loss_temperature)
-        scored_tokens = max(1, int(sum(b.scored.sum() for b in batches)))
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.max_grad_norm))
+        grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.max_grad_norm))
         optimizer.step()
         scheduler.step()
+        seconds = time.perf_counter() - started
 
-        metrics = {"loss": sums["loss"] / sums["loss_tokens"], "est_alpha": sums["accept"] / scored_tokens,
-                   "est_greedy_agreement": sums["agree"] / scored_tokens, "grad_norm": grad_norm,
+        # Metrics over the global batch (sums over ranks).
+        loss_sum, accept, agree, scored, rollout_tokens = distributed.all_sum(
+            [sums["loss"], sums["accept"], sums["agree"], sum(int(b.scored.sum()) for b in batches),
+             rollouts.target_forward_tokens])
+        scored_tokens = max(1, int(scored))
+        metrics = {"loss": loss_sum / sums["loss_tokens"], "est_alpha": accept / scored_tokens,
+                   "est_greedy_agreement": agree / scored_tokens, "grad_norm": grad_norm,
                    "lr": scheduler.get_last_lr()[0], "scored_tokens": scored_tokens,
-                   "target_rollout_tokens": rollouts.target_forward_tokens}
+                   "target_rollout_tokens": int(rollout_tokens), "step_seconds": seconds,
+                   "scored_tokens_per_second": scored_tokens / seconds}
         log.write(step + 1, **metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", alpha=f"{metrics['est_alpha']:.3f}")
         state["step"] = step + 1
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
             report = evaluate(state["step"])
-            bar.write(f"step {state['step']}: held-out tau {report['tau']:.3f}, "
+            if main:
+                bar.write(f"step {state['step']}: held-out tau {report['tau']:.3f}, "
                       f"decoder alpha {report['alpha']:.3f}, training estimate {metrics['est_alpha']:.3f} "
                       f"(greedy agreement {metrics['est_greedy_agreement']:.3f})")
             state["last_eval"] = report
@@ -207,11 +268,12 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
             save_checkpoint(out / "checkpoint", drafter, optimizer, scheduler, state)
 
     after = state.get("last_eval")
-    if after is not None and state["alpha_before"] is not None:
+    if main and after is not None and state["alpha_before"] is not None:
         plot_alpha_per_position({"before": state["alpha_before"], "after": after["alpha_per_position"]},
                                 out / "alpha_per_position.png",
                                 title=f"{cfg.drafter} distilled with {cfg.divergence}, T={cfg.eval_temperature:g}")
     summary = {"tau_before": state["tau_before"], "tau_after": after["tau"] if after else None,
                "best_tau": state["best_tau"], "steps": state["step"], "out_dir": str(out)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

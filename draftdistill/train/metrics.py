@@ -6,10 +6,14 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """JSONL always; TensorBoard when it is installed."""
+    """JSONL always; TensorBoard when it is installed. enabled=False (ranks other than 0 of a
+    torchrun job, whose numbers are already summed over ranks) writes nothing."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, enabled: bool = True):
         self.path = out_dir / "metrics.jsonl"
+        self.enabled, self.tb = enabled, None
+        if not enabled:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -18,6 +22,8 @@ class MetricsLog:
             self.tb = None
 
     def write(self, step: int, **values):
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb:

@@ -31,7 +31,7 @@ def pick_source(weights: dict[str, float], generator: torch.Generator) -> str:
 class RolloutSource:
     def __init__(self, target, drafter, tokenizer, prompts, prompt_ids, *, response_tokens: int,
                  temperature: float, eos_token_id, seed: int = 0, cache_path: str | Path | None = None,
-                 cache_tag: str = ""):
+                 cache_tag: str = "", write_cache: bool = True):
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
         self.prompts, self.prompt_ids = prompts, prompt_ids
         self.response_tokens = response_tokens
@@ -44,6 +44,7 @@ class RolloutSource:
         # a line is used only when its key (target, prompt ids, length, temperature, seed) matches.
         self.cache_path = Path(cache_path) if cache_path else None
         self.cache_tag = cache_tag
+        self.write_cache = write_cache  # False: another rank writes the same lines
         self.stored = self._read_cache_file()
 
     def _key(self, index: int) -> str:
@@ -68,26 +69,33 @@ class RolloutSource:
             tokens, _ = target_generate(self.drafter, ids, self.response_tokens, self.sampling, self.eos, generator)
             return tokens.tolist()
         if source == "target":
-            if index not in self.target_cache:
-                key = self._key(index) if self.cache_path else None
-                if key in self.stored:
-                    self.target_cache[index] = self.stored[key]
-                else:
-                    # Seeded by the prompt alone: the cached response is the same in a resumed run.
-                    own = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-                    tokens, _ = target_generate(self.target, ids, self.response_tokens, self.sampling, self.eos, own)
-                    self.target_cache[index] = tokens.tolist()
-                    if self.cache_path is not None:
-                        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-                        with self.cache_path.open("a") as f:
-                            f.write(json.dumps({"key": key, "tokens": self.target_cache[index]}) + "\n")
-                # Counted whether generated now or read from the file: the budget is the same.
-                self.target_forward_tokens += len(self.target_cache[index])
-            return self.target_cache[index]
+            tokens = self.target_response(index)
+            # Counted whether generated now or read from the file: the budget is the same.
+            self.target_forward_tokens += len(tokens)
+            return tokens
         if source == "dataset":
             reference = self.prompts[index].reference
             if not reference:
                 raise ValueError(f"prompt {index} has no reference answer for the 'dataset' prefix source")
             return self.tokenizer(reference, add_special_tokens=False)["input_ids"][: self.response_tokens]
         raise ValueError(f"unknown prefix source {source!r}; choose from {SOURCES}")
+
+    def target_response(self, index: int) -> list[int]:
+        """The prompt's target response: from memory, the cache file, or sampled now (seeded by the
+        prompt alone, so a resumed run, or another rank, gets the same one)."""
+        if index not in self.target_cache:
+            key = self._key(index) if self.cache_path else None
+            if key in self.stored:
+                self.target_cache[index] = self.stored[key]
+            else:
+                own = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+                tokens, _ = target_generate(self.target, self.prompt_ids[index], self.response_tokens, self.sampling,
+                                            self.eos, own)
+                self.target_cache[index] = tokens.tolist()
+                if self.cache_path is not None and self.write_cache:
+                    # One write() of one line in append mode: lines from several ranks do not mix.
+                    self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+                    with self.cache_path.open("a") as f:
+                        f.write(json.dumps({"key": key, "tokens": self.target_cache[index]}) + "\n")
+        return self.target_cache[index]
 

@@ -97,7 +97,7 @@ def test_opd_with_a_served_teacher_equals_the_in_process_teacher(sglang_server, 
     # Student rollouts in-process (seeded, so both runs sample the same tokens while the weights
     # agree); only where the teacher scores come from differs.
     train_opd(config(sglang_server, prompts, tmp_path / "local"), progress=False)
-    train_opd(config(sglang_server, prompts, tmp_path / "served", teacher_server=sglang_server.url), progress=False)
+    train_opd(config(sglang_server, prompts, tmp_path / "served", teacher_servers=sglang_server.url), progress=False)
     rows = {name: [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
             for name in ("local", "served")}
     assert len(rows["served"]) == 3
@@ -105,7 +105,7 @@ def test_opd_with_a_served_teacher_equals_the_in_process_teacher(sglang_server, 
         assert a["response_tokens"] == b["response_tokens"] and a["teacher_tokens"] == b["teacher_tokens"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-4)
     with pytest.raises(ValueError, match="teacher_scores=topk or token"):
-        train_opd(config(sglang_server, prompts, tmp_path / "bad", teacher_server=sglang_server.url,
+        train_opd(config(sglang_server, prompts, tmp_path / "bad", teacher_servers=sglang_server.url,
                          teacher_scores="logits", divergence="jsd"), progress=False)
 
 
