@@ -35,9 +35,6 @@ head (residual = un-normalised hidden): the export writes false explicitly.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -117,21 +114,15 @@ def export_speculators_eagle3(directory: str | Path, head: Eagle3Head, verifier_
 
 
 def _write(directory: str | Path, config: dict, state: dict, tokenizer) -> Path:
-    """config.json + model.safetensors (+ tokenizer) into a temp dir, then renamed into place."""
+    """config.json + model.safetensors (+ tokenizer), written atomically."""
     from safetensors.torch import save_file
 
+    from draftdistill.train.checkpoint import atomic_directory  # here: serving need not import the trainers
+
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory

@@ -12,6 +12,7 @@ process group), and a safetensors checkpoint loads into sharded models as full t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -52,9 +53,7 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer, sc
     if distributed.active():
         return save_sharded(directory, model, optimizer, scheduler, trainer_state)
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         # Tied weights share storage; safetensors refuses aliases, and the config re-ties them on load.
         if getattr(model.config, "tie_word_embeddings", False):
@@ -64,11 +63,22 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer, sc
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         payload = {**trainer_state, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
         (tmp / "trainer_state.json").write_text(json.dumps(payload, indent=1))
+    return directory
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path):
+    """Yield a temporary directory beside `directory`; when the block succeeds it replaces
+    `directory` (swap_into_place), when it fails it is removed: readers never see a half-written one."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        yield tmp
         swap_into_place(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory
 
 
 def swap_into_place(tmp: Path, directory: Path) -> None:
@@ -203,15 +213,7 @@ def plain_copy(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torc
 
 
 def _write_hf(directory: Path, model: torch.nn.Module, tokenizer) -> Path:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
