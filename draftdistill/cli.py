@@ -155,6 +155,47 @@ def echo(message: str) -> None:
         click.echo(message)
 
 
+def config_keys(config_class) -> list[tuple[str, str]]:
+    """(key, "explanation [default: value]") for every field of a config dataclass; the explanations
+    are the field's comments in the class's source (a comment line right below a field continues it)."""
+    import dataclasses
+    import inspect
+
+    notes: dict[str, str] = {}
+    current = None
+    for line in inspect.getsource(config_class).splitlines():
+        code, _, comment = line.strip().partition("# ")
+        field_name = code.split(":", 1)[0]
+        if code and field_name.isidentifier() and ":" in code:
+            current, notes[field_name] = field_name, comment.strip()
+        elif not code and current and comment and not comment.startswith("---"):
+            notes[current] = f"{notes[current]} {comment.strip()}".strip()
+        else:
+            current = None
+    rows = []
+    for f in dataclasses.fields(config_class):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        rows.append((f.name, f"{notes.get(f.name, '')} [default: {default!r}]".strip()))
+    return rows
+
+
+class ConfigCommand(click.Command):
+    """A command whose key=value overrides are the fields of a config class, listed in --help
+    (imported only when help is shown)."""
+
+    def __init__(self, *args, config_class: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config_class = config_class
+
+    def format_epilog(self, ctx, formatter):
+        import importlib
+
+        module, _, name = self.config_class.partition(":")
+        with formatter.section("Keys (key=value on the command line, or in CONFIG)"):
+            formatter.write_dl(config_keys(getattr(importlib.import_module(module), name)))
+        super().format_epilog(ctx, formatter)
+
+
 def config_from_cli(config_class, config: str | None, overrides: tuple):
     """CONFIG [key=value ...] -> the config dataclass (CONFIG may be left out: overrides only),
     echoed so a run's log records every setting."""
@@ -171,7 +212,8 @@ def config_from_cli(config_class, config: str | None, overrides: tuple):
     return cfg
 
 
-@main.command("train", context_settings={"ignore_unknown_options": True})
+@main.command("train", cls=ConfigCommand, config_class="draftdistill.train.drafter_opd:DrafterOPDConfig",
+              context_settings={"ignore_unknown_options": True})
 @click.argument("config", required=False)
 @click.argument("overrides", nargs=-1)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -201,7 +243,8 @@ def train_command(config, overrides, quiet):
 
 
 
-@main.command("opd", context_settings={"ignore_unknown_options": True})
+@main.command("opd", cls=ConfigCommand, config_class="draftdistill.opd.config:OPDConfig",
+              context_settings={"ignore_unknown_options": True})
 @click.argument("config", required=False)
 @click.argument("overrides", nargs=-1)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -210,7 +253,7 @@ def opd_command(config, overrides, quiet):
     """Distil a full LLM student on-policy: draftdistill opd CONFIG.yaml [key=value ...].
 
     CONFIG is a recipe from configs/opd/ (tinker-opd, gkd, minillm, distillm, gopd, aopd,
-    entropy-switch, opsd-*, sdpo-feedback, mopd, opd-verifier; see configs/opd/README.md); each
+    entropy-switch, opsd-*, sdpo-feedback, mopd, opd-verifier, sft; see configs/opd/README.md); each
     key=value overrides one field (e.g. student=PATH teacher=PATH steps=200 objective=opd:clip=0.2).
     Metrics go to OUT_DIR/metrics.jsonl, checkpoints to OUT_DIR/checkpoint (resumed when present),
     the trained student to OUT_DIR/final (a plain HF directory). Runs under torchrun like `train`.

@@ -65,6 +65,23 @@ def test_help_explains_every_option():
         assert option in result.output
 
 
+def test_train_and_opd_help_explain_every_config_key():
+    from dataclasses import fields
+
+    from draftdistill.opd import OPDConfig
+    from draftdistill.train import DrafterOPDConfig
+
+    for command, config_class in (("train", DrafterOPDConfig), ("opd", OPDConfig)):
+        text = " ".join(run(command, "--help").output.split())  # unwrapped
+        for f in fields(config_class):
+            assert f"{f.name} " in text, (command, f.name)
+    opd = " ".join(run("opd", "--help").output.split())
+    # A field's comment, its continuation line and its default all reach the help.
+    assert "rollout_server URL of an SGLang server with the student's architecture: student rollouts come from it" in opd
+    assert "adaptive_validation adaptive: prompts held out of training for the validation loss [default: 8]" in opd
+    assert "teacher_parallel" in " ".join(run("train", "--help").output.split())
+
+
 def test_config_file_sets_defaults_and_command_line_overrides(tmp_path):
     target = save_model_dir(tmp_path / "target", layers=2, seed=0)
     out = tmp_path / "r.json"

@@ -13,7 +13,7 @@ class OPDConfig:
     teachers: dict = field(default_factory=dict)  # MOPD: route value -> teacher path (replaces `teacher`)
     route_field: str = ""  # MOPD: the prompt-file field whose value picks the teacher
     self_teacher: str = "frozen"  # OPSD teacher weights: frozen (initial student) | live (current) | ema
-    ema_decay: float = 0.99
+    ema_decay: float = 0.99  # OPSD ema teacher: its weight on the previous average
     teacher_refresh_every: int = 0  # OPSD frozen teacher: copy the student into it every N steps (CRISP); 0 never
     privileged: str = "none"  # OPSD context: none | reference | concise | feedback
     privileged_template: str = ""  # override the context text; placeholders {question} {reference} {feedback}
@@ -26,11 +26,11 @@ class OPDConfig:
     # come from it, the student's weights pushed to it at start and after every optimizer step
     server_patience: float = 900.0  # seconds a step waits for failing servers before the run stops
     # --- data and rollouts ------------------------------------------------------------------------
-    prompts: str = "gsm8k:train"
+    prompts: str = "gsm8k:train"  # a bundled name[:split], sharegpt[:split] or a .jsonl/.json file
     prompt_limit: int = 0  # first N prompts only (0: all)
-    max_new_tokens: int = 64
-    rollout_temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int = 64  # response length cap (student samples and dataset answers)
+    rollout_temperature: float = 1.0  # student sampling temperature
+    top_p: float = 1.0  # student sampling nucleus
     group_size: int = 1  # samples per prompt (reward baselines are per group when > 1)
     mix_student: float = 1.0  # GKD lambda: fraction of student samples; the rest are dataset answers
     mix_schedule: str = "constant"  # constant | linear | adaptive (DistiLLM)
@@ -41,31 +41,30 @@ class OPDConfig:
     adaptive_validation: int = 8  # adaptive: prompts held out of training for the validation loss
     # --- teacher scores and objective -------------------------------------------------------------
     teacher_scores: str = "logits"  # what the teacher returns: logits (full) | topk | token
-    teacher_topk: int = 20
+    teacher_topk: int = 20  # k for teacher_scores=topk
     objective: str = "opd"  # opd | divergence | minillm | aopd | entropy_switch | sft, with :key=value params
     divergence: str = "rkl"  # for objective "divergence": any losses registry spec, e.g. jsd:beta=0.5
-    loss_temperature: float = 1.0
+    loss_temperature: float = 1.0  # temperature of both distributions inside the loss
     importance_sampling: bool = True  # weight by q/q_sampler (the sampler's log-probs) in policy-gradient terms
     verifier: str = ""  # "" | gsm8k: answer check for the reward and for SDPO feedback
     reward_weight: float = 0.0  # weight of the verifier reward's policy-gradient term
     # --- optimisation -----------------------------------------------------------------------------
-    steps: int = 50
+    steps: int = 50  # optimizer steps
     batch_size: int = 4  # prompts per micro-batch on each rank (x group_size rows; torchrun: N times this in all)
-    grad_accum: int = 1
-    lr: float = 1e-5
-    warmup_steps: int = 5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    save_every: int = 25
-    out_dir: str = "runs/opd"
-    resume: bool = True
-    seed: int = 0
-    device: str | None = None
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-5  # peak learning rate (AdamW; linear warmup, cosine decay to 10%)
+    warmup_steps: int = 5  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    save_every: int = 25  # steps between checkpoints
+    out_dir: str = "runs/opd"  # checkpoint, metrics and the final student
+    resume: bool = True  # continue from out_dir/checkpoint when it exists
+    seed: int = 0  # every random draw derives from it and the step
+    device: str | None = None  # cpu | cuda[:N]; default: cuda when there is one
     # --- scale-out --------------------------------------------------------------------------------
-    # torchrun only (ignored in one process): FSDP2-shard the student (false: replicate it, i.e.
-    # DDP); replicate or shard the frozen teachers and reference.
-    fsdp: bool = True
-    teacher_parallel: str = "replicate"
-    # SGLang servers that score for `teacher` (its path is still read for the tokenizer and the
-    # guard, its weights are not loaded): each batch's rows are dealt round-robin across them.
-    teacher_servers: list = field(default_factory=list)
+    # torchrun only (ignored in one process):
+    fsdp: bool = True  # FSDP2-shard the student (false: replicate it, i.e. DDP)
+    teacher_parallel: str = "replicate"  # the frozen teachers and reference: replicate | shard
+    teacher_servers: list = field(default_factory=list)  # SGLang servers that score for `teacher` (URLs, a
+    # list or comma-separated; its path is still read for the tokenizer and the guard, its weights are not
+    # loaded): each batch's rows are dealt round-robin across them

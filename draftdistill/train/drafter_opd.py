@@ -36,40 +36,39 @@ from .rollouts import RolloutSource, pick_source
 
 @dataclass
 class DrafterOPDConfig:
-    target: str = "smollm2-135m-instruct"
-    drafter: str = "pruned:2"
-    prompts: str = "gsm8k:train"
+    target: str = "smollm2-135m-instruct"  # the model to speed up: path or builtin name
+    drafter: str = "pruned:2"  # path / builtin name, pruned:K (first K target layers), small:..., or eagle3
+    prompts: str = "gsm8k:train"  # training prompts: a bundled name[:split], sharegpt[:split] or a .jsonl/.json file
     prompt_limit: int = 0  # use only the first N training prompts (0: all)
-    eval_prompts: str = "gsm8k:heldout"
+    eval_prompts: str = "gsm8k:heldout"  # held-out prompts for the decoder's tau/alpha
     divergence: str = "tvd"  # any registry spec, e.g. "fkl", "jsd:beta=0.5", "lk"
     mix_dataset: float = 0.0  # prefix-source weights (GKD lambda, generalised)
-    mix_target: float = 0.0
-    mix_drafter: float = 1.0
+    mix_target: float = 0.0  # weight of contexts sampled by the target
+    mix_drafter: float = 1.0  # weight of contexts sampled by the drafter (on-policy)
     target_cache: str = ""  # JSONL file of target responses to reuse across runs ("" keeps them in memory)
     response_tokens: int = 48  # length of each response context
     rollout_temperature: float = 1.0  # sampling temperature of drafter/target responses
     loss_temperature: float = 1.0  # temperature of both distributions inside the divergence
     rejected_only: bool = False  # OSD: loss only where the target would reject the drafter's token
-    steps: int = 60
+    steps: int = 60  # optimizer steps
     batch_size: int = 4  # prompts per micro-batch on each rank (torchrun: the global batch is N times this)
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup_steps: int = 5
-    max_grad_norm: float = 1.0
-    gamma: int = 4
-    eval_every: int = 20
-    eval_num_prompts: int = 8
-    eval_max_new_tokens: int = 48
-    eval_temperature: float = 0.0
-    save_every: int = 20
-    out_dir: str = "runs/distill"
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4  # peak learning rate (AdamW; linear warmup, cosine decay to 10%)
+    warmup_steps: int = 5  # linear warmup steps
+    max_grad_norm: float = 1.0  # gradient clipping
+    gamma: int = 4  # draft tokens per target call, in training-time acceptance and in the held-out eval
+    eval_every: int = 20  # steps between held-out decoder evaluations (the best one is kept)
+    eval_num_prompts: int = 8  # held-out prompts per evaluation
+    eval_max_new_tokens: int = 48  # new tokens per held-out prompt
+    eval_temperature: float = 0.0  # sampling temperature of the held-out evaluation (0: greedy)
+    save_every: int = 20  # steps between checkpoints
+    out_dir: str = "runs/distill"  # checkpoints, metrics, plots and the best drafter
     resume: bool = True  # continue from out_dir/checkpoint when it exists
-    seed: int = 0
-    device: str | None = None
-    # torchrun only (ignored in one process): FSDP2-shard the drafter (false: replicate it, i.e.
-    # DDP), and replicate or shard the frozen target.
-    fsdp: bool = True
-    teacher_parallel: str = "replicate"
+    seed: int = 0  # every random draw derives from it (and the step, row)
+    device: str | None = None  # cpu | cuda[:N]; default: cuda when there is one
+    # torchrun only (ignored in one process):
+    fsdp: bool = True  # FSDP2-shard the drafter (false: replicate it, i.e. DDP)
+    teacher_parallel: str = "replicate"  # the frozen target: replicate | shard
 
 
 def lr_lambda(cfg: DrafterOPDConfig):
