@@ -36,9 +36,11 @@ from draftdistill.models import load_target
 from draftdistill.opd import OPDConfig, train_opd
 from draftdistill.opd.rewards import extract_answer, gsm8k_reward
 from draftdistill.opd.rollout import LocalSampler
+from draftdistill.train import load_config
 from draftdistill.train.checkpoint import load_weights
 
 MODEL = "smollm2-135m-instruct"
+RECIPES = Path(__file__).resolve().parents[1] / "configs" / "opd"
 
 
 def parse_args(argv):
@@ -58,13 +60,13 @@ def parse_args(argv):
 
 
 def recipe(arm: str, args, steps: int, work: Path) -> OPDConfig:
-    common = dict(student=MODEL, prompts="gsm8k:train", prompt_limit=args.train_prompts, steps=steps,
-                  batch_size=args.batch_size, lr=args.lr, warmup_steps=4, max_new_tokens=args.max_new_tokens,
-                  save_every=steps, out_dir=str(work / arm), resume=False, device="cpu")
-    if arm == "opsd":
-        return OPDConfig(**common, teacher="self", self_teacher="frozen", privileged="reference",
-                         objective="divergence", divergence="jsd:beta=0.5", teacher_scores="logits")
-    return OPDConfig(**common, teacher="none", objective="sft", mix_student=0.0)
+    """The shipped recipe (configs/opd/opsd-reference.yaml or sft.yaml) with this run's budget."""
+    overrides = {"student": MODEL, "prompts": "gsm8k:train", "prompt_limit": args.train_prompts, "steps": steps,
+                 "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": 4,
+                 "max_new_tokens": args.max_new_tokens, "save_every": steps, "out_dir": str(work / arm),
+                 "resume": False, "device": "cpu"}
+    name = {"opsd": "opsd-reference", "sft": "sft"}[arm]
+    return load_config(OPDConfig, RECIPES / f"{name}.yaml", [f"{k}={v}" for k, v in overrides.items()])
 
 
 def compute(rows: list[dict], params: int) -> dict:
