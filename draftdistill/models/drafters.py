@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -121,6 +122,15 @@ def load_drafter(spec: str, target: nn.Module, target_tokenizer) -> nn.Module:
     check_vocab_sizes(target, drafter)
     drafter.requires_grad_(False)
     return drafter
+
+
+def is_eagle3_drafter(spec: str) -> bool:
+    """``eagle3``, or a directory holding an EAGLE-3 head (read without loading anything)."""
+    kind, _ = parse_drafter_spec(spec)
+    if kind != "path":
+        return kind == "eagle3"
+    config = Path(spec) / "config.json"
+    return config.is_file() and EAGLE3_ARCHITECTURE in (json.loads(config.read_text()).get("architectures") or [])
 
 
 def _is_eagle3_dir(source) -> bool:

@@ -212,6 +212,8 @@ class Eagle3Layer(nn.Module):
 class Eagle3Head(nn.Module):
     """fc + one layer + norm + lm_head over the draft vocabulary; the embedding is the target's."""
 
+    weights_from_target = ("embed_tokens.weight",)  # shared and frozen: checkpoints leave it out
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config

@@ -58,6 +58,8 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer, sc
         # Tied weights share storage; safetensors refuses aliases, and the config re-ties them on load.
         if getattr(model.config, "tie_word_embeddings", False):
             weights.pop("lm_head.weight", None)
+        for name in getattr(model, "weights_from_target", ()):  # e.g. an EAGLE-3 head's embedding
+            weights.pop(name, None)
         save_file(weights, tmp / "drafter.safetensors")
         opt_tensors, opt_meta = optimizer_to_flat(optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
@@ -144,7 +146,8 @@ def load_weights(directory: str | Path, model: torch.nn.Module) -> None:
     if is_sharded_checkpoint(directory):
         return load_sharded(directory, model)
     missing, unexpected = distributed.load_full_state_dict(model, load_file(directory / "drafter.safetensors"))
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings, not stored
+    not_stored = {"lm_head.weight", *getattr(model, "weights_from_target", ())}  # tied, or the target's
+    missing = [k for k in missing if k not in not_stored]
     if missing or unexpected:
         raise ValueError(f"{directory}: checkpoint does not match the drafter (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from draftdistill.data import encode_prompt, load_prompts, stop_token_ids
 from draftdistill.eval import evaluate_drafter, plot_alpha_per_position
 from draftdistill.losses import acceptance_rate, get_divergence, parse_divergence
-from draftdistill.models import default_device, load_drafter, load_target, require_lm_drafter
+from draftdistill.models import default_device, is_eagle3_drafter, load_drafter, load_target, require_lm_drafter
 from draftdistill.spec import SamplingConfig
 
 from . import distributed
@@ -38,6 +38,7 @@ from .rollouts import RolloutSource, pick_source
 class DrafterOPDConfig:
     target: str = "smollm2-135m-instruct"  # the model to speed up: path or builtin name
     drafter: str = "pruned:2"  # path / builtin name, pruned:K (first K target layers), small:..., or eagle3
+    # (a fresh EAGLE-3 head, or an EAGLE-3 directory: trained with TTT on the target's hidden states)
     prompts: str = "gsm8k:train"  # training prompts: a bundled name[:split], sharegpt[:split] or a .jsonl/.json file
     prompt_limit: int = 0  # use only the first N training prompts (0: all)
     eval_prompts: str = "gsm8k:heldout"  # held-out prompts for the decoder's tau/alpha
@@ -66,6 +67,15 @@ class DrafterOPDConfig:
     resume: bool = True  # continue from out_dir/checkpoint when it exists
     seed: int = 0  # every random draw derives from it (and the step, row)
     device: str | None = None  # cpu | cuda[:N]; default: cuda when there is one
+    # EAGLE-3 heads only (drafter: eagle3, or an EAGLE-3 directory to fine-tune; see train/ttt.py):
+    ttt_steps: int = 7  # training-time test: steps unrolled per position (the head fed its own states)
+    ttt_decay: float = 0.8  # loss weight of TTT step j is ttt_decay ** j
+    ttt_chain: str = "data"  # chain tokens: data (teacher-forced, as EAGLE-3/SpecForge) or sampled
+    # (on-policy: the head's own drafts, scored by the target)
+    ttt_anchors: int = 16  # sampled chains: positions per row whose chain the target scores (0: all)
+    draft_vocab_size: int = 32000  # a fresh head's draft vocabulary: the most frequent training tokens
+    # (capped at the target's vocabulary)
+    aux_layers: str = ""  # a fresh head's target layers, e.g. "1,14,26" ("": SGLang's default low/mid/high)
     # torchrun only (ignored in one process):
     fsdp: bool = True  # FSDP2-shard the drafter (false: replicate it, i.e. DDP)
     teacher_parallel: str = "replicate"  # the frozen target: replicate | shard
@@ -135,6 +145,10 @@ def accumulate_gradients(drafter, batches, teacher_logits, masks, loss_fn, tempe
 
 def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     """Under torchrun every rank runs this; rank 0 alone logs and writes files."""
+    if is_eagle3_drafter(cfg.drafter):
+        from .eagle3_trainer import train_eagle3
+
+        return train_eagle3(cfg, progress)
     if cfg.teacher_parallel not in distributed.TEACHER_PARALLEL:
         raise ValueError(f"teacher_parallel must be one of {distributed.TEACHER_PARALLEL}, "
                          f"got {cfg.teacher_parallel!r}")

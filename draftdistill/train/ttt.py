@@ -1,0 +1,239 @@
+"""Training-time test (TTT) of an EAGLE-3 head with the target in the loop (no hidden-state cache).
+
+Rows are prompt + response, right-padded: the head's causal attention has no padding mask, so the
+padding must come after every real position. One target forward gives the aux hidden states and the
+logits; the head then unrolls `steps` steps over every position t (models/eagle3.py):
+
+  step 0   position t eats (x_{t+1}, aux_t) and predicts x_{t+2}; teacher p(. | x_<=t+1)
+  step j   the chain started at t eats its token c_j and its own state of step j-1;
+           teacher p(. | x_<=t+1, c_1..c_j)
+
+Chain tokens (`chain`):
+  data     c_j = x_{t+1+j}, the context's own tokens (EAGLE-3 / SpecForge: teacher-forced). The
+           teacher is the target's logits at t+1+j, from the same forward.
+  sampled  c_j ~ q_{j-1}, the head's own draft at step j-1: the chain it drafts at decode time
+           (on-policy, as [D] does for standalone drafters). The target then scores every chain in
+           one more forward over the chain tokens only, on the context's KV cache, each chain token
+           seeing its anchor's prefix x_<=t+1 and its own chain (a tree attention mask).
+
+Anchors (the positions whose chains are scored) are the positions that predict response tokens;
+with `sampled` chains a random subset of `anchors_per_row` keeps the target's extra cost at
+anchors * (steps - 1) tokens per row. Which (row, position, step) is scored is fixed by `plan_ttt`
+before any forward, so a step's loss can be divided by its token count over every micro-batch.
+The loss of step j is a registry divergence over the draft vocabulary, SpecForge's way (see
+models/draft_vocab.py): the teacher is the target's logits restricted to the draft vocabulary, and
+a position whose target argmax lies outside it is dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from draftdistill.models.eagle3 import target_aux_hidden_states
+
+CHAINS = ("data", "sampled")
+
+
+@dataclass
+class ContextBatch:
+    ids: torch.Tensor  # [B, L] prompt + response, right-padded
+    lengths: torch.Tensor  # [B] real tokens per row
+    prompt_lengths: torch.Tensor  # [B]
+
+    def to(self, device) -> "ContextBatch":
+        return ContextBatch(self.ids.to(device), self.lengths.to(device), self.prompt_lengths.to(device))
+
+
+def pack_right(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> ContextBatch:
+    rows = [p + r for p, r in zip(prompts, responses)]
+    if any(len(p) == 0 for p in prompts) or any(len(row) < 3 for row in rows):
+        raise ValueError("every row needs a prompt token and at least 3 tokens in all")
+    ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    return ContextBatch(ids, torch.tensor([len(r) for r in rows]), torch.tensor([len(p) for p in prompts]))
+
+
+@dataclass
+class TTTPlan:
+    """Which positions t (of the head's T = L - 1) each step scores."""
+
+    chain: str
+    anchors: torch.Tensor  # [B, T] bool: positions whose chains are scored
+    valid: list[torch.Tensor]  # per step, [B, T] bool: anchors whose step-j teacher exists
+
+    @property
+    def steps(self) -> int:
+        return len(self.valid)
+
+    def counts(self) -> list[int]:
+        return [int(v.sum()) for v in self.valid]
+
+
+def plan_ttt(batch: ContextBatch, steps: int, chain: str, anchors_per_row: int = 0,
+             generators: list[torch.Generator] | None = None) -> TTTPlan:
+    """Anchors are positions t with prompt_len - 2 <= t <= len - 2 (t + 1 is the last prompt token
+    or a response token, so step 0 predicts a response token). Data chains score step j while the
+    context still has x_{t+1+j}; sampled chains extend past the context and score every step."""
+    if chain not in CHAINS:
+        raise ValueError(f"ttt chain must be one of {CHAINS}, got {chain!r}")
+    if steps < 1:
+        raise ValueError(f"ttt steps must be >= 1, got {steps}")
+    B, L = batch.ids.shape
+    t = torch.arange(L - 1)[None]
+    lengths, prompts = batch.lengths.cpu()[:, None], batch.prompt_lengths.cpu()[:, None]
+    anchors = (t >= (prompts - 2).clamp(min=0)) & (t <= lengths - 2)
+    if chain == "sampled" and anchors_per_row > 0:
+        for row in range(B):
+            where = anchors[row].nonzero().flatten()
+            if len(where) > anchors_per_row:
+                pick = torch.randperm(len(where), generator=generators[row] if generators else None)
+                anchors[row] = False
+                anchors[row, where[pick[:anchors_per_row]]] = True
+    if chain == "data":
+        valid = [anchors & (t + 1 + j <= lengths - 1) for j in range(steps)]
+    else:
+        valid = [anchors.clone() for _ in range(steps)]
+    device = batch.ids.device
+    return TTTPlan(chain, anchors.to(device), [v.to(device) for v in valid])
+
+
+def sample_chain_tokens(logits: torch.Tensor, anchors: torch.Tensor, vocab, temperature: float,
+                        generators: list[torch.Generator]) -> torch.Tensor:
+    """One draft token (a target id) per anchor, from the head's draft-vocab logits [B, T, N], with
+    each row's own generator (on the CPU, so any device draws the same tokens)."""
+    drafted = torch.zeros(anchors.shape, dtype=torch.long)
+    for row in range(anchors.shape[0]):
+        rows = logits[row, anchors[row]].detach().float().cpu()
+        if len(rows) == 0:
+            continue
+        q = torch.softmax(rows / temperature, -1) if temperature > 0 else F.one_hot(rows.argmax(-1), rows.shape[-1]).float()
+        drafted[row, anchors[row].cpu()] = torch.multinomial(q, 1, generator=generators[row]).flatten()
+    return vocab.draft_to_target(drafted.to(logits.device))
+
+
+def chain_attention_mask(anchor_pos: torch.Tensor, context_len: int, chain_len: int, dtype) -> torch.Tensor:
+    """Additive mask [B, 1, A * C, context_len + A * C] for the chain tokens (a, j), j = 1..C, laid
+    out anchor by anchor after the context: (a, j) sees context positions <= anchor + 1 and the
+    chain tokens (a, i <= j). Additive (0 / dtype min), so eager and SDPA attention read it alike."""
+    B, A = anchor_pos.shape
+    device = anchor_pos.device
+    prefix = torch.arange(context_len, device=device)[None, None, :] <= anchor_pos[:, :, None] + 1  # [B, A, L]
+    prefix = prefix[:, :, None, :].expand(B, A, chain_len, context_len).reshape(B, A * chain_len, context_len)
+    own = torch.eye(A, dtype=torch.bool, device=device)[:, None, :, None] & \
+        torch.ones(chain_len, chain_len, dtype=torch.bool, device=device).tril()[None, :, None, :]
+    own = own.reshape(A * chain_len, A * chain_len)[None].expand(B, -1, -1)
+    allowed = torch.cat([prefix, own], dim=-1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def score_chains(target, past_key_values, anchor_pos: torch.Tensor, chain_tokens: torch.Tensor,
+                 context_len: int) -> torch.Tensor:
+    """The target's logits [B, A, C, V] at every chain token [B, A, C], one forward on the
+    context's cache: chain token (a, j) sits at position anchor + 1 + j."""
+    B, A, C = chain_tokens.shape
+    positions = anchor_pos[:, :, None] + 1 + torch.arange(1, C + 1, device=anchor_pos.device)
+    mask = chain_attention_mask(anchor_pos, context_len, C, next(target.parameters()).dtype)
+    out = target(input_ids=chain_tokens.reshape(B, A * C), position_ids=positions.reshape(B, A * C),
+                 attention_mask=mask, past_key_values=past_key_values, use_cache=True)
+    return out.logits.reshape(B, A, C, -1)
+
+
+@dataclass
+class StepRows:
+    """One TTT step's scored rows, in (row, t) order: the head's draft-vocab logits [M, N], the
+    target's logits [M, V], and for inspection where they are ([M, 2]: row, anchor t) and the token
+    the head ate at this step ([M]: x_{t+1} at step 0, the chain token c_j after)."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    where: torch.Tensor
+    tokens: torch.Tensor
+
+
+def ttt_forward(head, target, batch: ContextBatch, plan: TTTPlan, temperature: float = 1.0,
+                generators: list[torch.Generator] | None = None) -> tuple[list[StepRows], int]:
+    """Target forward(s) + the head's TTT unroll; returns each step's scored rows (in (row, t)
+    order) and the number of tokens the target ran over (context + chain tokens)."""
+    ids = batch.ids
+    B, L = ids.shape
+    sampled = plan.chain == "sampled"
+    attention = (torch.arange(L, device=ids.device)[None] < batch.lengths[:, None]).long()
+    with torch.no_grad():
+        aux, out = target_aux_hidden_states(target, ids, head.aux_layer_ids, attention_mask=attention,
+                                            use_cache=sampled)
+    context_logits = out.logits[:, 1:]  # teacher of step 0 at t: the target at t + 1
+    target_tokens = int(batch.lengths.sum())
+
+    cache = head.new_cache()
+    logits, h = head(ids[:, 1:], head.fuse(aux[:, :-1]), cache)
+    head_logits, head_tokens, chain_tokens = [logits], [ids[:, 1:]], []
+    for j in range(1, plan.steps):
+        tokens = F.pad(ids[:, 1 + j:], (0, j))  # x_{t+1+j} (0 past the end: never scored)
+        if sampled:
+            drafted = sample_chain_tokens(logits, plan.anchors, head.vocab, temperature, generators)
+            tokens = torch.where(plan.anchors, drafted, tokens)
+            chain_tokens.append(drafted)
+        logits, h = head(tokens, h, cache, step=j)
+        head_logits.append(logits)
+        head_tokens.append(tokens)
+
+    def rows(j: int, teacher: torch.Tensor) -> StepRows:
+        valid = plan.valid[j]
+        return StepRows(head_logits[j][valid], teacher, valid.nonzero(), head_tokens[j][valid])
+
+    steps = [rows(0, context_logits[plan.valid[0]])]
+    if not sampled:
+        for j in range(1, plan.steps):
+            steps.append(rows(j, F.pad(context_logits[:, j:], (0, 0, 0, j))[plan.valid[j]]))
+        return steps, target_tokens
+    if plan.steps > 1:
+        # Anchors of each row, ascending, padded to A with position 0 (their rows are dropped below).
+        per_row = plan.anchors.sum(1)
+        A = int(per_row.max())
+        order = torch.sort((~plan.anchors).long(), dim=1, stable=True).indices[:, :A]  # anchors first, by t
+        kept = torch.arange(A, device=ids.device)[None] < per_row[:, None]
+        anchor_pos = torch.where(kept, order, torch.zeros_like(order))
+        chain = torch.stack([c.gather(1, anchor_pos) for c in chain_tokens], dim=-1)  # [B, A, steps - 1]
+        with torch.no_grad():
+            chain_logits = score_chains(target, out.past_key_values, anchor_pos, chain, L)
+        target_tokens += int(kept.sum()) * (plan.steps - 1)
+        for j in range(1, plan.steps):
+            steps.append(rows(j, chain_logits[:, :, j - 1][kept]))
+    return steps, target_tokens
+
+
+def step_loss(rows: StepRows, vocab, loss_fn, temperature: float = 1.0) -> torch.Tensor:
+    """Sum over the step's rows of the divergence between the target restricted to the draft
+    vocabulary and the head; rows whose target argmax is outside the vocabulary count 0."""
+    if rows.student.shape[0] == 0:
+        return rows.student.sum() * 0.0
+    keep = vocab.loss_mask(rows.teacher)
+    return loss_fn(rows.student, vocab.restrict_logits(rows.teacher), keep, temperature=temperature,
+                   reduction="sum")
+
+
+@torch.no_grad()
+def step_acceptance(rows: StepRows, vocab) -> tuple[float, float]:
+    """Sums over the step's rows of the simulated acceptance at T=1, alpha = sum over the draft
+    vocabulary of min(p, q) with p the target's full distribution, and of greedy agreement."""
+    if rows.student.shape[0] == 0:
+        return 0.0, 0.0
+    p = torch.softmax(rows.teacher.float(), -1)
+    q = torch.softmax(rows.student.float(), -1)
+    alpha = torch.minimum(vocab.restrict_logits(p), q).sum(-1)
+    agree = vocab.draft_to_target(rows.student.argmax(-1)) == rows.teacher.argmax(-1)
+    return float(alpha.sum()), float(agree.sum())
+
+
+def simulated_tau(alpha_per_position: list[float], gamma: int) -> float:
+    """Expected tokens per target call of a chain of `gamma` drafts with these conditional
+    acceptance rates (the decoder's tau is this function of its measured alpha per position)."""
+    tau, reach = 1.0, 1.0
+    for alpha in alpha_per_position[:gamma]:
+        reach *= alpha
+        tau += reach
+    return tau

@@ -1,0 +1,187 @@
+"""EAGLE-3 TTT training (train/ttt.py, train/eagle3_trainer.py).
+
+- Every scored row of a TTT step, teacher-forced (data) or on-policy (sampled), equals what the
+  decoder would compute for that chain: the head's logits from a fresh prefix + chain walk on the
+  row's unpadded tokens, and the target's logits from a plain forward over prefix + chain tokens.
+  This pins the padding, the anchors, the tree mask of the chain scoring and the step alignment.
+- The plan scores exactly the positions that predict response tokens (and, with data chains, only
+  while the context has the chain's tokens).
+- The trainer: logs, evaluates, exports a loadable SGLang-format head, resumes a killed run exactly,
+  lowers its loss on fixed data, and refuses settings that cannot work.
+"""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_spec import tiny_llama
+from tiny import kill_at_optimizer_step, save_model_dir
+
+from draftdistill.models import load_drafter, load_target
+from draftdistill.models.draft_vocab import DraftVocab
+from draftdistill.models.eagle3 import Eagle3Head, build_eagle3_head, target_aux_hidden_states
+from draftdistill.train import DrafterOPDConfig, train_drafter
+from draftdistill.train.ttt import pack_right, plan_ttt, simulated_tau, step_acceptance, ttt_forward
+
+PROMPTS = [[3, 5, 7], [4, 6, 8, 10], [9, 2]]
+RESPONSES = [[11, 13, 15, 17, 19, 21], [12, 14, 16], [20, 22, 24, 26, 28]]
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.set_num_threads(1)
+    target = tiny_llama(32, seed=0, layers=5)
+    head = build_eagle3_head(target, DraftVocab(list(range(0, 32, 2)) + [31], 32), seed=1)
+    with torch.no_grad():  # a head that is not uniform, so sampled chains differ row to row
+        for p in head.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    return target, head
+
+
+def decoder_view(target, head, prefix: list[int], chain: list[int]):
+    """(head logits after walking `chain` from `prefix`, target logits after prefix + chain), the
+    way the decoder computes them: target aux states of the prefix, head prefix pass, chain steps."""
+    ids = torch.tensor([prefix])
+    aux, _ = target_aux_hidden_states(target, ids, head.aux_layer_ids)
+    cache = head.new_cache()
+    logits, h = head(ids[:, 1:], head.fuse(aux[:, :-1]), cache)
+    for step, token in enumerate(chain, start=1):
+        logits, h = head(torch.tensor([[token]]), h[:, -1:], cache, step=step)
+    teacher = target(input_ids=torch.tensor([prefix + chain])).logits[0, -1]
+    return logits[0, -1], teacher
+
+
+@pytest.mark.parametrize("chain", ["data", "sampled"])
+def test_every_scored_row_is_what_the_decoder_computes(models, chain):
+    target, head = models
+    batch = pack_right(PROMPTS, RESPONSES, pad_id=0)
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    plan = plan_ttt(batch, 3, chain, anchors_per_row=3, generators=generators)
+    with torch.no_grad():
+        steps, target_tokens = ttt_forward(head, target, batch, plan, temperature=1.0, generators=generators)
+    eaten = {}  # (row, t) -> the chain tokens fed so far
+    for j, rows in enumerate(steps):
+        assert len(rows.student) == plan.counts()[j] > 0
+        for m, (b, t) in enumerate(rows.where.tolist()):
+            if j > 0:
+                eaten[b, t] = eaten.get((b, t), []) + [int(rows.tokens[m])]
+            row = batch.ids[b, : int(batch.lengths[b])].tolist()
+            if chain == "data":
+                assert eaten.get((b, t), []) == row[t + 2: t + 2 + j]  # teacher-forced: the context's own
+            elif j > 0:
+                assert bool(head.vocab.contains(torch.tensor(eaten[b, t])).all())  # drafts from the draft vocab
+            student, teacher = decoder_view(target, head, row[: t + 2], eaten.get((b, t), []))
+            torch.testing.assert_close(rows.student[m], student, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(rows.teacher[m], teacher, rtol=1e-9, atol=1e-9)
+    extra = 0 if chain == "data" else sum(plan.counts()[0:1]) * 2
+    assert target_tokens == int(batch.lengths.sum()) + extra
+
+
+def test_plan_scores_the_positions_that_predict_response_tokens():
+    batch = pack_right(PROMPTS, RESPONSES, pad_id=0)
+    plan = plan_ttt(batch, 3, "data")
+    for b, (p, r) in enumerate(zip(PROMPTS, RESPONSES)):
+        # step 0 at t predicts x_{t+2}: t = len(p) - 2 predicts the first response token
+        assert plan.valid[0][b].nonzero().flatten().tolist() == list(range(len(p) - 2, len(p) + len(r) - 1))
+        assert plan.valid[2][b].nonzero().flatten().tolist() == list(range(len(p) - 2, len(p) + len(r) - 3))
+    sampled = plan_ttt(batch, 3, "sampled", anchors_per_row=2, generators=[torch.Generator()] * 3)
+    assert sampled.counts() == [6, 6, 6]
+    assert bool((sampled.anchors <= plan.anchors).all())
+    with pytest.raises(ValueError, match="chain must be one of"):
+        plan_ttt(batch, 3, "teacher")
+
+
+def test_simulated_acceptance():
+    assert simulated_tau([0.5, 0.5, 0.5, 0.5], gamma=2) == 1 + 0.5 + 0.25
+    assert simulated_tau([1.0] * 7, gamma=4) == 5
+    target = tiny_llama(32, seed=0, layers=5)
+    head = build_eagle3_head(target)  # full vocabulary
+    logits = torch.randn(4, 32, dtype=torch.float64)
+
+    class Rows:
+        student, teacher = logits, logits
+    alpha, agree = step_acceptance(Rows, head.vocab)
+    assert alpha == pytest.approx(4) and agree == 4
+
+
+# ---------------------------------------------------------------- the trainer
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eagle3")
+    target = save_model_dir(root / "target", layers=5, seed=0)
+    prompts = root / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{(i * 7) % 29} w{(i * 3) % 29}",
+                                           "answer": f"w{i % 5} w{i % 7} w{i % 3}"}) + "\n" for i in range(40)))
+    return root, target, prompts
+
+
+def config(setup, out, **kw):
+    root, target, prompts = setup
+    base = dict(target=str(target), drafter="eagle3", prompts=str(prompts), eval_prompts=str(prompts),
+                mix_dataset=1.0, mix_target=1.0, mix_drafter=0.0, divergence="fkl", ttt_steps=3,
+                ttt_chain="sampled", ttt_anchors=4, draft_vocab_size=20, response_tokens=6, batch_size=2,
+                steps=4, eval_every=2, save_every=2, eval_num_prompts=2, eval_max_new_tokens=6, gamma=3,
+                out_dir=str(out), device="cpu", lr=1e-2, warmup_steps=1)
+    base.update(kw)
+    return DrafterOPDConfig(**base)
+
+
+def test_trainer_logs_evaluates_and_exports_a_loadable_head(setup):
+    root, target_dir, _ = setup
+    summary = train_drafter(config(setup, root / "run"), progress=False)
+    out = root / "run"
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [l for l in lines if "loss" in l]
+    assert [l["step"] for l in train_lines] == [1, 2, 3, 4]
+    for line in train_lines:
+        assert line["loss"] >= 0 and len(line["sim_alpha_per_position"]) == 3
+        assert all(0 <= a <= 1 for a in line["sim_alpha_per_position"] + line["sim_greedy_agreement_per_position"])
+        assert 1 <= line["sim_tau"] <= 4
+        # sampled chains: the context plus (steps - 1) chain tokens per scored anchor
+        assert line["target_tokens"] > 2 * line["scored_positions"]
+    assert [l["step"] for l in lines if "eval_tau" in l] == [0, 2, 4]
+    assert summary["target_tokens"] == sum(l["target_tokens"] for l in train_lines)
+    assert len(summary["simulated"]["alpha_per_position"]) == 3 and summary["draft_vocab_size"] == 20
+    target, tokenizer = load_target(str(target_dir), device="cpu")
+    best = load_drafter(str(out / "best"), target, tokenizer)  # the SGLang-format export
+    assert isinstance(best, Eagle3Head) and best.config.draft_vocab_size == 20
+    assert int(best.t2d.sum()) == 20 and bool(best.t2d[tokenizer.eos_token_id])  # stop token always drafted
+    saved = load_file(out / "checkpoint" / "drafter.safetensors")
+    assert "embed_tokens.weight" not in saved and "d2t" in saved  # the target's embedding is not copied
+    assert (out / "alpha_per_position.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_killed_run_resumes_exactly(setup, monkeypatch):
+    root = setup[0]
+    train_drafter(config(setup, root / "straight"), progress=False)
+    expected = load_file(root / "straight" / "checkpoint" / "drafter.safetensors")
+    kill_at_optimizer_step(monkeypatch, lambda: train_drafter(config(setup, root / "killed"), progress=False))
+    train_drafter(config(setup, root / "killed"), progress=False)
+    resumed = load_file(root / "killed" / "checkpoint" / "drafter.safetensors")
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chain", ["data", "sampled"])
+def test_ttt_lowers_the_loss_on_fixed_data(setup, chain):
+    root = setup[0]
+    four = root / "four.jsonl"  # batch_size 4 over 4 prompts: the same contexts every step
+    four.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 3}", "answer": f"w{i + 1} w{i + 2} w{i} w{i + 4}"})
+                            + "\n" for i in range(4)))
+    cfg = config(setup, root / f"fixed-{chain}", prompts=str(four), mix_target=0.0, ttt_chain=chain, steps=25,
+                 eval_every=100, save_every=100, batch_size=4, draft_vocab_size=32, lr=3e-2)
+    train_drafter(cfg, progress=False)
+    rows = [json.loads(l) for l in (root / f"fixed-{chain}" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+
+
+def test_trainer_refuses_what_cannot_work(setup):
+    root = setup[0]
+    with pytest.raises(ValueError, match="mix_drafter=0"):
+        train_drafter(config(setup, root / "bad", mix_drafter=1.0), progress=False)
+    with pytest.raises(ValueError, match="rejected_only"):
+        train_drafter(config(setup, root / "bad", rejected_only=True), progress=False)
