@@ -77,7 +77,8 @@ def test_train_and_opd_help_explain_every_config_key():
             assert f"{f.name} " in text, (command, f.name)
     opd = " ".join(run("opd", "--help").output.split())
     # A field's comment, its continuation line and its default all reach the help.
-    assert "rollout_server URL of an SGLang server with the student's architecture: student rollouts come from it" in opd
+    assert ("rollout_server URL(s) of SGLang servers with the student's architecture (comma list: a pool, rows "
+            "round-robin, torchrun rank r starting on server r): student rollouts come from them") in opd
     assert "adaptive_validation adaptive: prompts held out of training for the validation loss [default: 8]" in opd
     assert "teacher_parallel" in " ".join(run("train", "--help").output.split())
 

@@ -22,8 +22,9 @@ class OPDConfig:
     mask_special_tokens: bool = True  # special tokens (not stop tokens) leave the loss
     # --- servers (SGLang) ---------------------------------------------------------------------------
     # teacher_servers (under scale-out below): the teacher served by a pool of SGLang servers
-    rollout_server: str = ""  # URL of an SGLang server with the student's architecture: student rollouts
-    # come from it, the student's weights pushed to it at start and after every optimizer step
+    rollout_server: str = ""  # URL(s) of SGLang servers with the student's architecture (comma list: a
+    # pool, rows round-robin, torchrun rank r starting on server r): student rollouts come from them,
+    # the student's weights pushed to every one at start and after every optimizer step
     server_patience: float = 900.0  # seconds a step waits for failing servers before the run stops
     # --- data and rollouts ------------------------------------------------------------------------
     prompts: str = "gsm8k:train"  # a bundled name[:split], sharegpt[:split] or a .jsonl/.json file

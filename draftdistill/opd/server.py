@@ -1,8 +1,8 @@
 """OPD with SGLang servers: teachers scored by a pool of servers, student rollouts from a server.
 
     SGLangScorer(["http://a:30000", "http://b:30000"])  -> a Scorer (token / top-k log-probs)
-    SGLangSampler("http://s:30000", eos_ids)            -> a Sampler; sync(student, version)
-                                                           pushes the student's weights to it
+    SGLangSampler("http://s:30000,http://t:30000", ...) -> a Sampler; sync(student, version)
+                                                           pushes the student's weights to them
 
 Both talk through serving's SGLangClient (timeouts, retries with backoff on connection errors
 and 5xx). On top of that a server that stays down is waited for, `patience` seconds in all, with
@@ -48,19 +48,21 @@ class _Pool:
         self.clients = [_client(u, timeout) for u in split_urls(urls)]
         self.patience, self.start, self.sleep = patience, start, sleep
 
-    def call(self, row: int, fn):
+    def call(self, row: int, fn, failover: bool = True):
+        """fn(client) on server (start + row) % n. failover=False: that server or none (a weight
+        push every server must get), waited for up to `patience` seconds."""
         from draftdistill.serving.sglang_client import SGLangError
 
         waited, wait, attempt = 0.0, 1.0, 0
         while True:
-            client = self.clients[(self.start + row + attempt) % len(self.clients)]
+            client = self.clients[(self.start + row + (attempt if failover else 0)) % len(self.clients)]
             try:
                 return fn(client)
             except SGLangError as err:
                 if not err.retryable:
                     raise
                 attempt += 1
-                if attempt % len(self.clients):
+                if failover and attempt % len(self.clients):
                     continue  # another server of the pool first
                 if waited + wait > self.patience:
                     raise SGLangError(err.endpoint, f"{client.url} still failing after {self.patience:.0f} s "
@@ -103,22 +105,32 @@ class SGLangScorer:
 
 
 class SGLangSampler:
-    """Student rollouts from an SGLang server that serves the student. Call `sync(student, version)`
-    after every optimizer step (the trainer does) so the server samples from the current weights:
-    a pushed (`selector: target`) tensor update between begin/end_weight_update."""
+    """Student rollouts from SGLang servers that serve the student (one URL, or a pool: rows
+    round-robin from server `start`, a rank under torchrun). Call `sync(student, version)` after
+    every optimizer step (the trainer does) so every server samples from the current weights: a
+    pushed (`selector: target`) tensor update between begin/end_weight_update."""
 
-    def __init__(self, url: str, eos_ids: list[int], temperature: float = 1.0, top_p: float = 1.0,
-                 timeout: float = 600.0, patience: float = 900.0, concurrency: int = 8):
-        self.pool = _Pool([url], timeout, patience)
+    def __init__(self, urls: str | list[str], eos_ids: list[int], temperature: float = 1.0, top_p: float = 1.0,
+                 timeout: float = 600.0, patience: float = 900.0, concurrency: int = 8, start: int = 0):
+        self.pool = _Pool(urls, timeout, patience, start)
         self.eos, self.temperature, self.top_p = sorted(set(eos_ids)), temperature, top_p
         self.concurrency = concurrency
         self.version: str | None = None
 
     def sync(self, model: torch.nn.Module, version) -> None:
-        """Push `model`'s weights (HF names; a tied lm_head left out) to the server."""
-        named = {name: t for name, t in model.state_dict().items()
-                 if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
-        self.pool.call(0, lambda c: c.push_weights(named, str(version), selector="target"))
+        """Push `model`'s weights (HF names; a tied lm_head left out) to every server. Under torchrun
+        every rank calls it: the full weights are gathered to rank 0, which pushes them, and no rank
+        samples again before every server holds them."""
+        from draftdistill.train import distributed
+
+        weights = distributed.full_state_dict(model)  # a collective under torchrun ({} off rank 0)
+        if distributed.is_main():
+            named = {name: t for name, t in weights.items()
+                     if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
+            for server in range(len(self.pool.clients)):
+                self.pool.call(server - self.pool.start, lambda c: c.push_weights(named, str(version), selector="target"),
+                               failover=False)
+        distributed.barrier()
         self.version = str(version)
 
     def sample(self, prompts, max_new_tokens, generator) -> list[Completion]:

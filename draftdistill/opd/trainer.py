@@ -88,8 +88,6 @@ def check_config(cfg: OPDConfig) -> Objective:
         raise ValueError("mix_schedule=adaptive needs adaptive_validation >= 1 held-out prompts")
     if servers(cfg) and cfg.loss_temperature != 1.0:
         raise ValueError("SGLang scores with the raw logits: teacher_servers needs loss_temperature=1")
-    if cfg.rollout_server and distributed.active():
-        raise ValueError("rollout_server is for one process for now: under torchrun, sample in-process")
     if objective.needs_reference and not cfg.reference:
         raise ValueError(f"objective {cfg.objective!r} needs a reference model: reference=student or a path")
     return objective
@@ -289,7 +287,7 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
     own_sampler = sampler is None and not cfg.rollout_server  # in-process sampling needs the whole student
     if sampler is None and cfg.rollout_server:
         sampler = SGLangSampler(cfg.rollout_server, m.stop, cfg.rollout_temperature, cfg.top_p,
-                                patience=cfg.server_patience)
+                                patience=cfg.server_patience, start=rank)  # rank r starts on server r
     sampler = sampler or LocalSampler(student, m.stop, pad_id, cfg.rollout_temperature, cfg.top_p)
     if scorers is None and servers(cfg):  # rank r starts on server r
         scorers = {"teacher": SGLangScorer(servers(cfg), patience=cfg.server_patience, start=rank, device=device)}

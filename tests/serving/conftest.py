@@ -81,8 +81,7 @@ def _handler(stub: Stub):
     return Handler
 
 
-@pytest.fixture
-def stub():
+def _serve_stub():
     s = Stub()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(s))
     s.url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -91,6 +90,17 @@ def stub():
     yield s
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def stub():
+    yield from _serve_stub()
+
+
+@pytest.fixture
+def stub2():
+    """A second stub server, for pools."""
+    yield from _serve_stub()
 
 
 def free_port() -> int:

@@ -130,6 +130,43 @@ def test_opd_with_server_rollouts_keeps_the_server_on_policy(sglang_server, prom
         restore(sglang_server)
 
 
+def test_server_rollouts_under_torchrun_keep_the_server_on_policy(sglang_server, prompts, tmp_path, models):
+    """Two ranks sample from the server; after every step rank 0 pushes the gathered (FSDP-sharded)
+    student and both ranks wait for it, so the server ends holding exactly the trained student."""
+    import os
+    import subprocess
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import yaml
+
+    out = tmp_path / "torchrun"
+    cfg = config(sglang_server, prompts, out, rollout_server=sglang_server.url, objective="opd",
+                 teacher_scores="token", batch_size=1)
+    path = tmp_path / "torchrun.yaml"
+    path.write_text(yaml.safe_dump(asdict(cfg)))
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    try:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "draftdistill.cli", "opd", str(path), "--quiet"],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3] and all(r["rollout_tokens"] > 0 for r in rows)
+        client = SGLangClient(sglang_server.url, timeout=120)
+        assert client.weight_version() == "3"
+        student = type(models[1])(models[1].config).eval()
+        load_weights(out / "checkpoint", student)  # the 2-rank (DCP) checkpoint, read in one process
+        prompt, response = [1, 50, 60, 70], [100, 101, 102]
+        local = LocalScorer(student, pad_id=3).score([prompt], [response], set(), 1, 1.0)
+        served = client.score(prompt, response, top_k=0)
+        assert (served.token.logprobs - local.token.logprobs[0]).abs().max() < TOL
+    finally:
+        restore(sglang_server)
+
+
 # ---- failing servers (stub HTTP server, no SGLang needed) ----
 
 def dead_url() -> str:
@@ -170,3 +207,25 @@ def test_pool_fails_over_and_waits_for_a_restarting_server(stub):
     with pytest.raises(SGLangError, match="patience"):
         scorer.score([[1, 7]], [[8, 9]], {"token"}, 0, 1.0)
     assert waits == [1.0, 2.0]  # 1 + 2 s waited; the next (4 s) would pass the 5 s of patience
+
+
+def test_sampler_pushes_to_every_server_of_its_pool_and_never_fails_over(stub, stub2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from draftdistill.serving.sglang_client import SGLangError
+
+    ok = {"success": True, "message": "Success"}
+    for server in (stub, stub2):
+        for path in ("/begin_weight_update", "/update_weights_from_tensor", "/end_weight_update"):
+            server.on("POST", path, (200, ok))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, tie_word_embeddings=True))
+    SGLangSampler([stub.url, stub2.url], eos_ids=[2], start=1).sync(model, 5)
+    for server in (stub, stub2):
+        assert [b["weight_version"] for b in server.calls("/update_weights_from_tensor")] == ["5"]
+    # A dead server of the pool gets waited for (up to patience); another server never takes its push.
+    waits = []
+    sampler = quick_pool(SGLangSampler("http://unused", eos_ids=[2], patience=2), [dead_url(), stub.url], waits)
+    with pytest.raises(SGLangError, match="patience"):
+        sampler.sync(model, 6)
+    assert waits == [1.0] and len(stub.calls("/update_weights_from_tensor")) == 1
