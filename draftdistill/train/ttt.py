@@ -168,15 +168,14 @@ def ttt_forward(head, target, batch: ContextBatch, plan: TTTPlan, temperature: f
     context_logits = out.logits[:, 1:]  # teacher of step 0 at t: the target at t + 1
     target_tokens = int(batch.lengths.sum())
 
-    cache = head.new_cache()
+    cache, vocab = head.new_cache(), head.vocab
     logits, h = head(ids[:, 1:], head.fuse(aux[:, :-1]), cache)
-    head_logits, head_tokens, chain_tokens = [logits], [ids[:, 1:]], []
+    head_logits, head_tokens = [logits], [ids[:, 1:]]
     for j in range(1, plan.steps):
         tokens = F.pad(ids[:, 1 + j:], (0, j))  # x_{t+1+j} (0 past the end: never scored)
         if sampled:
-            drafted = sample_chain_tokens(logits, plan.anchors, head.vocab, temperature, generators)
-            tokens = torch.where(plan.anchors, drafted, tokens)
-            chain_tokens.append(drafted)
+            tokens = torch.where(plan.anchors, sample_chain_tokens(logits, plan.anchors, vocab, temperature, generators),
+                                 tokens)
         logits, h = head(tokens, h, cache, step=j)
         head_logits.append(logits)
         head_tokens.append(tokens)
@@ -197,7 +196,7 @@ def ttt_forward(head, target, batch: ContextBatch, plan: TTTPlan, temperature: f
         order = torch.sort((~plan.anchors).long(), dim=1, stable=True).indices[:, :A]  # anchors first, by t
         kept = torch.arange(A, device=ids.device)[None] < per_row[:, None]
         anchor_pos = torch.where(kept, order, torch.zeros_like(order))
-        chain = torch.stack([c.gather(1, anchor_pos) for c in chain_tokens], dim=-1)  # [B, A, steps - 1]
+        chain = torch.stack([tokens.gather(1, anchor_pos) for tokens in head_tokens[1:]], dim=-1)  # [B, A, steps - 1]
         with torch.no_grad():
             chain_logits = score_chains(target, out.past_key_values, anchor_pos, chain, L)
         target_tokens += int(kept.sum()) * (plan.steps - 1)
