@@ -143,6 +143,28 @@ def accumulate_gradients(drafter, batches, teacher_logits, masks, loss_fn, tempe
     return sums
 
 
+def evaluate_and_keep_best(step: int, target, drafter, eval_ids, eos, cfg, state: dict, log: MetricsLog,
+                           export) -> dict:
+    """The drafter on the held-out prompts with the lossless decoder, logged; `export()` writes it to
+    OUT_DIR/best when its tau beats state["best_tau"]. Under torchrun every rank decodes the same
+    prompts the same way (a sharded target needs every rank in each forward); rank 0's report
+    decides, so all ranks agree on exporting."""
+    drafter.eval()
+    with distributed.gathered(drafter):
+        report = evaluate_drafter(target, drafter, eval_ids, gamma=cfg.gamma,
+                                  sampling=SamplingConfig(temperature=cfg.eval_temperature),
+                                  max_new_tokens=cfg.eval_max_new_tokens, eos_token_id=eos,
+                                  seed=cfg.seed, baseline=False, progress=False)["speculative"]
+    drafter.train()
+    report = distributed.broadcast(report)
+    log.write(step, eval_tau=report["tau"], eval_alpha=report["alpha"],
+              eval_alpha_per_position=report["alpha_per_position"])
+    if state["best_tau"] is None or report["tau"] > state["best_tau"]:
+        state["best_tau"] = report["tau"]
+        export()
+    return report
+
+
 def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     """Under torchrun every rank runs this; rank 0 alone logs and writes files."""
     if is_eagle3_drafter(cfg.drafter):
@@ -195,22 +217,8 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
     def evaluate(step: int) -> dict:
-        # Every rank decodes the same prompts the same way (a sharded target needs every rank in
-        # each forward); rank 0's report decides, so all ranks agree on exporting.
-        drafter.eval()
-        with distributed.gathered(drafter):
-            report = evaluate_drafter(target, drafter, eval_ids, gamma=cfg.gamma,
-                                      sampling=SamplingConfig(temperature=cfg.eval_temperature),
-                                      max_new_tokens=cfg.eval_max_new_tokens, eos_token_id=eos,
-                                      seed=cfg.seed, baseline=False, progress=False)["speculative"]
-        drafter.train()
-        report = distributed.broadcast(report)
-        log.write(step, eval_tau=report["tau"], eval_alpha=report["alpha"],
-                  eval_alpha_per_position=report["alpha_per_position"])
-        if state["best_tau"] is None or report["tau"] > state["best_tau"]:
-            state["best_tau"] = report["tau"]
-            export_hf(out / "best", drafter, tokenizer)
-        return report
+        return evaluate_and_keep_best(step, target, drafter, eval_ids, eos, cfg, state, log,
+                                      export=lambda: export_hf(out / "best", drafter, tokenizer))
 
     if state["step"] == 0:
         before = evaluate(0)

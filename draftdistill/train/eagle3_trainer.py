@@ -23,20 +23,19 @@ import torch
 from tqdm.auto import tqdm
 
 from draftdistill.data import encode_prompt, load_prompts, stop_token_ids
-from draftdistill.eval import evaluate_drafter, plot_alpha_per_position
+from draftdistill.eval import plot_alpha_per_position
 from draftdistill.losses import get_divergence, parse_divergence
 from draftdistill.models import default_device, load_drafter, load_target
 from draftdistill.models.draft_vocab import DraftVocab
 from draftdistill.models.eagle3 import build_eagle3_head
 from draftdistill.serving.export_eagle3 import export_sglang_eagle3
-from draftdistill.spec import SamplingConfig
 
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
-from .drafter_opd import DrafterOPDConfig, batch_positions, lr_lambda, row_generator
+from .drafter_opd import DrafterOPDConfig, batch_positions, evaluate_and_keep_best, lr_lambda, row_generator
 from .metrics import MetricsLog
 from .rollouts import RolloutSource, pick_source
-from .ttt import ContextBatch, pack_right, plan_ttt, simulated_tau, step_acceptance, step_loss, ttt_forward
+from .ttt import pack_right, plan_ttt, simulated_tau, step_acceptance, step_loss, ttt_forward
 
 
 def check_eagle3_config(cfg: DrafterOPDConfig) -> None:
@@ -112,18 +111,8 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     recent: list[dict] = []  # the last steps' simulated acceptance, to compare with the next evaluation
 
     def evaluate(step: int) -> dict:
-        head.eval()
-        report = evaluate_drafter(target, head, eval_ids, gamma=cfg.gamma,
-                                  sampling=SamplingConfig(temperature=cfg.eval_temperature),
-                                  max_new_tokens=cfg.eval_max_new_tokens, eos_token_id=eos, seed=cfg.seed,
-                                  baseline=False, progress=False)["speculative"]
-        head.train()
-        log.write(step, eval_tau=report["tau"], eval_alpha=report["alpha"],
-                  eval_alpha_per_position=report["alpha_per_position"])
-        if state["best_tau"] is None or report["tau"] > state["best_tau"]:
-            state["best_tau"] = report["tau"]
-            export_sglang_eagle3(out / "best", head, tokenizer, dtype=dtype)
-        return report
+        return evaluate_and_keep_best(step, target, head, eval_ids, eos, cfg, state, log,
+                                      export=lambda: export_sglang_eagle3(out / "best", head, tokenizer, dtype=dtype))
 
     if state["step"] == 0:
         before = evaluate(0)
