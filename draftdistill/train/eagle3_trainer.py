@@ -133,7 +133,7 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
             batch = pack_right([prompt_ids[i][0].tolist() for i in indices], responses, pad_id).to(device)
             plan = plan_ttt(batch, cfg.ttt_steps, cfg.ttt_chain, cfg.ttt_anchors, rows)
             micro_batches.append((batch, plan, rows))
-        counts = [sum(plan.counts()[j] for _, plan, _ in micro_batches) for j in range(cfg.ttt_steps)]
+        counts = [sum(per_step) for per_step in zip(*(plan.counts() for _, plan, _ in micro_batches))]
 
         # 2. Target forward(s), the head's unroll, weighted step losses, backward per micro-batch.
         optimizer.zero_grad(set_to_none=True)
