@@ -127,17 +127,17 @@ def load_drafter(spec: str, target: nn.Module, target_tokenizer) -> nn.Module:
 def is_eagle3_drafter(spec: str) -> bool:
     """``eagle3``, or a directory holding an EAGLE-3 head (read without loading anything)."""
     kind, _ = parse_drafter_spec(spec)
-    if kind != "path":
-        return kind == "eagle3"
-    config = Path(spec) / "config.json"
-    return config.is_file() and EAGLE3_ARCHITECTURE in (json.loads(config.read_text()).get("architectures") or [])
+    return kind == "eagle3" if kind != "path" else _names_eagle3(Path(spec))
 
 
 def _is_eagle3_dir(source) -> bool:
-    config = source.directory / "config.json"
-    if source.gguf_file or source.weights_file or not config.is_file():
-        return False
-    return EAGLE3_ARCHITECTURE in (json.loads(config.read_text()).get("architectures") or [])
+    return not (source.gguf_file or source.weights_file) and _names_eagle3(source.directory)
+
+
+def _names_eagle3(directory: Path) -> bool:
+    """Whether `directory`/config.json names SGLang's EAGLE-3 architecture."""
+    config = directory / "config.json"
+    return config.is_file() and EAGLE3_ARCHITECTURE in (json.loads(config.read_text()).get("architectures") or [])
 
 
 def require_lm_drafter(drafter: nn.Module, what: str) -> None:
