@@ -1,6 +1,6 @@
 """torchrun / FSDP2 on CPU (gloo): 2 ranks with batch_size B train exactly like 1 process with
-batch_size 2B (loss per step and final weights), for both trainers; a 2-rank checkpoint resumes in
-one process; the 2-rank export is a plain HF directory."""
+batch_size 2B (loss per step and final weights), for the drafter, EAGLE-3 and OPD trainers; a 2-rank
+checkpoint resumes in one process; the 2-rank export is a plain HF directory."""
 import json
 import os
 import socket
@@ -21,7 +21,7 @@ from draftdistill.train.checkpoint import is_sharded_checkpoint, load_weights
 from tiny import kill_at_optimizer_step, save_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINERS = {"drafter": train_drafter, "opd": train_opd}
+TRAINERS = {"drafter": train_drafter, "opd": train_opd}  # train_drafter also routes drafter=eagle3
 
 
 class Killed(Exception):
@@ -160,6 +160,68 @@ def test_drafter_one_process_checkpoint_resumes_on_two_ranks(data, drafter_refer
     skeleton = drafter_reference / "best"
     assert_same_weights(checkpoint_weights(out / "checkpoint", skeleton),
                         checkpoint_weights(drafter_reference / "checkpoint", skeleton))
+
+
+# --- the EAGLE-3 head trainer --------------------------------------------------------------------
+
+
+def eagle3_config(data, out, chain, **kw) -> DrafterOPDConfig:
+    root, _, _, prompts = data
+    target = root / "target5"  # 5 layers: the head reads SGLang's default low/mid/high layers
+    if not target.is_dir():
+        save_model_dir(target, layers=5, seed=0)
+    base = dict(target=str(target), drafter="eagle3", prompts=str(prompts), eval_prompts=str(prompts),
+                mix_dataset=1.0, mix_target=1.0, mix_drafter=0.0, divergence="fkl", ttt_steps=3, ttt_chain=chain,
+                ttt_anchors=3, draft_vocab_size=20, response_tokens=5, batch_size=4, steps=4, eval_every=100,
+                save_every=2, eval_num_prompts=2, eval_max_new_tokens=4, out_dir=str(root / out), device="cpu",
+                lr=1e-2, warmup_steps=1)
+    base.update(kw)
+    return DrafterOPDConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def eagle3_reference(data):
+    """One process, batch 4, per chain kind."""
+    runs = {}
+    for chain in ("sampled", "data"):
+        cfg = eagle3_config(data, f"eagle3-1proc-{chain}", chain)
+        train_drafter(cfg, progress=False)
+        runs[chain] = Path(cfg.out_dir)
+    return runs
+
+
+@pytest.mark.parametrize("chain,teacher_parallel", [("sampled", "replicate"), ("data", "shard")],
+                         ids=["sampled-replicated-target", "data-sharded-target"])
+def test_eagle3_two_ranks_train_like_one_process(data, eagle3_reference, chain, teacher_parallel):
+    """The head is kept whole on every rank (gradients summed over ranks): the 2-rank run's losses,
+    simulated acceptance and weights are the one-process run's, and its checkpoint is the
+    one-process safetensors format, written by rank 0."""
+    cfg = eagle3_config(data, f"eagle3-2rank-{chain}", chain, batch_size=2, teacher_parallel=teacher_parallel)
+    run_ranks("drafter", cfg)
+    out, reference = Path(cfg.out_dir), eagle3_reference[chain]
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(l) for l in (reference / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 4 and [r["loss"] for r in steps] == pytest.approx(losses(reference), rel=1e-4, abs=1e-6)
+    for got, ref in zip(steps, [r for r in want if "loss" in r]):
+        assert got["scored_positions"] == ref["scored_positions"] and got["target_tokens"] == ref["target_tokens"]
+        assert got["sim_alpha_per_position"] == pytest.approx(ref["sim_alpha_per_position"], abs=1e-5)
+    assert [r["step"] for r in rows if "eval_tau" in r] == [0, 4]  # rank 0 alone writes
+    assert not is_sharded_checkpoint(out / "checkpoint")
+    assert_same_weights(load_file(out / "checkpoint" / "drafter.safetensors"),
+                        load_file(reference / "checkpoint" / "drafter.safetensors"))
+    assert json.loads((out / "best" / "config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle3"]
+
+
+def test_eagle3_two_rank_run_killed_resumes_in_one_process(data, eagle3_reference):
+    killed = eagle3_config(data, "eagle3-resume", "sampled", batch_size=2)
+    run_ranks("drafter", killed, kill_at_step=3)  # dies after the step-2 checkpoint
+    out = Path(killed.out_dir)
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    train_drafter(replace(killed, batch_size=4), progress=False)  # same global batch, one process
+    assert losses(out) == pytest.approx(losses(eagle3_reference["sampled"]), rel=1e-4, abs=1e-6)
+    assert_same_weights(load_file(out / "checkpoint" / "drafter.safetensors"),
+                        load_file(eagle3_reference["sampled"] / "checkpoint" / "drafter.safetensors"))
 
 
 # --- the OPD trainer -----------------------------------------------------------------------------

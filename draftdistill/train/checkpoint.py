@@ -5,7 +5,7 @@ One process writes safetensors + JSON only (never pickle):
   drafter.safetensors     the trainable weights
   optimizer.safetensors   every optimizer state tensor, keyed "<param index>.<name>"
   trainer_state.json      step, data position, scheduler state, best score, optimizer param groups
-A torchrun job writes a torch.distributed.checkpoint (DCP) directory instead, each rank its own
+A torchrun job's FSDP model writes a torch.distributed.checkpoint (DCP) directory instead, each rank its own
 shards of the model and optimizer (.metadata, __<rank>_0.distcp), and rank 0 trainer_state.json.
 Either kind resumes on any world size: DCP reshards on load (also into one process, with no
 process group), and a safetensors checkpoint loads into sharded models as full tensors.
@@ -50,9 +50,18 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
 
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer, scheduler, trainer_state: dict) -> Path:
-    if distributed.active():
+    """Every rank calls it. A model held by FSDP writes DCP; a plain one (one process, or a model
+    every torchrun rank keeps whole, like the EAGLE-3 head) is written by rank 0 as safetensors."""
+    if distributed.is_sharded(model):
         return save_sharded(directory, model, optimizer, scheduler, trainer_state)
     directory = Path(directory)
+    if distributed.is_main():
+        _save_whole(directory, model, optimizer, scheduler, trainer_state)
+    distributed.barrier()
+    return directory
+
+
+def _save_whole(directory: Path, model: torch.nn.Module, optimizer, scheduler, trainer_state: dict) -> None:
     with atomic_directory(directory) as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         # Tied weights share storage; safetensors refuses aliases, and the config re-ties them on load.
@@ -65,7 +74,6 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer, sc
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         payload = {**trainer_state, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
         (tmp / "trainer_state.json").write_text(json.dumps(payload, indent=1))
-    return directory
 
 
 @contextlib.contextmanager
@@ -164,7 +172,7 @@ def load_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer, sc
         load_weights(directory, model)
         meta = state.pop("optimizer")
         tensors = load_file(directory / "optimizer.safetensors")
-        if distributed.active():
+        if distributed.is_sharded(model):
             sharded_optimizer_from_flat(model, optimizer, tensors, meta)
         else:
             optimizer_from_flat(optimizer, tensors, meta)

@@ -15,6 +15,9 @@ The conventions both trainers follow:
   (world, 1) mesh, which is DDP (`fsdp: false`). Frozen teachers are replicated plain modules or
   sharded the same way (`teacher_parallel`); a sharded forward is a collective, so every rank must
   run it the same number of times.
+- A model small enough to keep whole on every rank (the EAGLE-3 head) stays a plain module: rank 0's
+  weights are broadcast once, its gradients summed over ranks (`sum_gradients`, the loss already
+  divided by the global token count), and rank 0 writes its one-process checkpoint.
 - Anything that runs a data-dependent number of forwards (sampling, speculative decoding) runs
   inside `gathered(model)`: the parameters are all-gathered once and those forwards talk to no
   other rank.
@@ -145,10 +148,8 @@ def shard_model(model: torch.nn.Module, shard: bool = True, forward_only: bool =
         return model
     from torch.distributed.fsdp import fully_shard
 
-    if not forward_only:  # every rank starts from rank 0's weights (a random init could differ by GPU)
-        with torch.no_grad():
-            for tensor in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
-                dist.broadcast(tensor, src=0)
+    if not forward_only:
+        broadcast_module(model)
     mesh = _mesh(shard)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
@@ -161,6 +162,43 @@ def shard_model(model: torch.nn.Module, shard: bool = True, forward_only: bool =
     with gathered(model):
         pass
     return model
+
+
+def broadcast_module(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Every parameter and buffer but those named in `skip` set to rank 0's, in place (a random init
+    could differ by GPU)."""
+    if active():
+        named = [*model.named_parameters(), *model.named_buffers()]
+        with torch.no_grad():
+            for tensor in {id(t): t for name, t in named if name not in skip}.values():
+                dist.broadcast(tensor, src=0)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Held by FSDP2 (sharded or replicated through it), rather than a plain module every rank keeps whole."""
+    if not active():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def sum_gradients(parameters) -> None:
+    """Each gradient summed over ranks, in place: for a small model every rank keeps whole (the
+    EAGLE-3 head), whose loss is already divided by the global token count. One all-reduce over
+    a flat buffer per dtype."""
+    if not active():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    for dtype in {g.dtype for g in grads}:
+        group = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in group]).to(_collective_device())
+        dist.all_reduce(flat)
+        offset = 0
+        for g in group:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def place_frozen(model: torch.nn.Module, how: str, device) -> torch.nn.Module:
@@ -210,7 +248,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def load_full_state_dict(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tuple[list, list]:
     """Load full tensors (every rank passes the same dict) into a plain or sharded model;
     returns (missing, unexpected) keys."""
-    if not active():
+    if not is_sharded(model):
         result = model.load_state_dict(weights, strict=False)
     else:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

@@ -107,6 +107,26 @@ def row_generator(seed: int, position: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + position)
 
 
+def micro_batch_rows(step: int, micro: int, cfg, order: torch.Tensor, rollouts: RolloutSource, mix: dict,
+                     shard_target: bool) -> tuple[list[int], list[list[int]], list[torch.Generator]]:
+    """This rank's rows of one micro-batch: prompt indices, response contexts, and each row's random
+    stream (already drawn from for the source and the response; the trainer draws on from it)."""
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = batch_positions(step, micro, cfg, rank, world)
+    # A sharded target needs every rank in each forward: then every rank draws the sources of the
+    # whole global micro-batch and samples its target rows, in the same order.
+    drawn = [p for r in range(world) for p in batch_positions(step, micro, cfg, r, world)] if shard_target else mine
+    rows = {p: row_generator(cfg.seed, p) for p in drawn}
+    sources = {p: pick_source(mix, rows[p]) for p in drawn}
+    if shard_target:
+        for p in drawn:
+            if sources[p] == "target":
+                rollouts.target_response(int(order[p % len(order)]))
+    indices = [int(order[p % len(order)]) for p in mine]
+    responses = [rollouts.response(i, sources[p], rows[p]) for i, p in zip(indices, mine)]
+    return indices, responses, [rows[p] for p in mine]
+
+
 def rejected_mask(student_logits, teacher_logits, batch, generator) -> torch.Tensor:
     """Response positions where the drafter's proposal would be rejected by speculative sampling
     (OSD): draw x ~ q at each position, reject when u * q(x) >= p(x). The proposal is drawn here
@@ -177,7 +197,7 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = distributed.setup(cfg.device) or default_device()
-    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    main = distributed.is_main()
     shard_target = distributed.active() and cfg.teacher_parallel == "shard"
     torch.manual_seed(cfg.seed)
 
@@ -232,24 +252,12 @@ def train_drafter(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
         #    number of scored tokens (not per micro-batch) under gradient accumulation.
         batches, generators = [], []
         for micro in range(cfg.grad_accum):
-            mine = batch_positions(step, micro, cfg, rank, world)
-            # A sharded target needs every rank in each forward: then every rank draws the sources
-            # of the whole global micro-batch and samples its target rows, in the same order.
-            drawn = [p for r in range(world) for p in batch_positions(step, micro, cfg, r, world)] \
-                if shard_target else mine
-            rows = {p: row_generator(cfg.seed, p) for p in drawn}
-            sources = {p: pick_source(mix, rows[p]) for p in drawn}
-            if shard_target:
-                for p in drawn:
-                    if sources[p] == "target":
-                        rollouts.target_response(int(order[p % len(order)]))
-            indices = [int(order[p % len(order)]) for p in mine]
             drafter.eval()
             with distributed.gathered(drafter):
-                responses = [rollouts.response(i, sources[p], rows[p]) for i, p in zip(indices, mine)]
+                indices, responses, rows = micro_batch_rows(step, micro, cfg, order, rollouts, mix, shard_target)
             drafter.train()
             batches.append(pack([prompt_ids[i][0].tolist() for i in indices], responses, pad_id).to(device))
-            generators.append([rows[p] for p in mine])
+            generators.append(rows)
 
         # 2. Teacher scores, drafter forward, divergence at every response position.
         with torch.no_grad():

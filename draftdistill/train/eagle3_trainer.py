@@ -10,7 +10,12 @@ lossless decoder are the standalone drafter trainer's (drafter_opd.py). The best
 tau is exported in SGLang's EAGLE3 format (OUT_DIR/best), which `draftdistill eval --drafter` and
 `serving/export_eagle3.py` read. Every step also logs the acceptance the training chains imply
 (simulated alpha per TTT step), to set beside the decoder's measured alpha per position.
-One process: torchrun is refused for now.
+
+Under torchrun every rank takes its slice of each global micro-batch (as the drafter trainer does)
+and keeps the head whole: it is one decoder layer, so its gradients are summed over ranks with one
+all-reduce rather than sharded, and rank 0 writes its one-process checkpoint. The target is
+replicated or sharded by FSDP2 (`teacher_parallel`); every rank runs the same number of target
+forwards per step (one, plus one for sampled chains), as a sharded target needs.
 """
 from __future__ import annotations
 
@@ -32,15 +37,16 @@ from draftdistill.serving.export_eagle3 import export_sglang_eagle3
 
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
-from .drafter_opd import DrafterOPDConfig, batch_positions, evaluate_and_keep_best, lr_lambda, row_generator
+from .drafter_opd import DrafterOPDConfig, evaluate_and_keep_best, lr_lambda, micro_batch_rows
 from .metrics import MetricsLog
-from .rollouts import RolloutSource, pick_source
+from .rollouts import RolloutSource
 from .ttt import pack_right, plan_ttt, simulated_tau, step_acceptance, step_loss, ttt_forward
 
 
 def check_eagle3_config(cfg: DrafterOPDConfig) -> None:
-    if distributed.active():
-        raise ValueError("EAGLE-3 training runs in one process for now; start it without torchrun")
+    if cfg.teacher_parallel not in distributed.TEACHER_PARALLEL:
+        raise ValueError(f"teacher_parallel must be one of {distributed.TEACHER_PARALLEL}, "
+                         f"got {cfg.teacher_parallel!r}")
     if cfg.mix_drafter > 0:
         raise ValueError("an EAGLE-3 head cannot write a response without the target: set mix_drafter=0 and "
                          "mix_dataset and/or mix_target > 0 (its on-policy variant is ttt_chain=sampled)")
@@ -72,20 +78,27 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     check_eagle3_config(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = cfg.device or default_device()
+    device = distributed.setup(cfg.device) or default_device()
+    main = distributed.is_main()
+    shard_target = distributed.active() and cfg.teacher_parallel == "shard"
     torch.manual_seed(cfg.seed)
 
     # Prompts first, so a malformed file fails before any model is loaded.
     prompts = load_prompts(cfg.prompts, limit=cfg.prompt_limit or None)
     eval_prompts = load_prompts(cfg.eval_prompts, limit=cfg.eval_num_prompts)
-    target, tokenizer = load_target(cfg.target, device=device)
+    # A target to be sharded is read into CPU memory first (FSDP keeps each rank's shard).
+    target, tokenizer = load_target(cfg.target, device="cpu" if shard_target else device)
     eos = stop_token_ids(tokenizer, target)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     prompt_ids = [encode_prompt(tokenizer, p).to(device) for p in prompts]
     eval_ids = [encode_prompt(tokenizer, p).to(device) for p in eval_prompts]
 
-    # The head trains in float32 (its optimizer state too); the embedding stays the target's, frozen.
-    head = build_head(cfg, target, tokenizer, prompts, prompt_ids, eos).float().train()
+    # The head trains in float32 (its optimizer state too); the embedding stays the target's, frozen
+    # (shared with a replicated target on the same device, a copy when the target is sharded).
+    head = build_head(cfg, target, tokenizer, prompts, prompt_ids, eos).float().to(device).train()
+    # Every rank starts from rank 0's head and vocabulary (the embedding is the target's on every rank).
+    distributed.broadcast_module(head, skip=head.weights_from_target)
+    target = distributed.place_frozen(target, cfg.teacher_parallel, device)
     trainable = [p for name, p in head.named_parameters() if name not in head.weights_from_target]
     for p in trainable:
         p.requires_grad_(True)
@@ -94,7 +107,8 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
     rollouts = RolloutSource(target, None, tokenizer, prompts, prompt_ids, response_tokens=cfg.response_tokens,
                              temperature=cfg.rollout_temperature, eos_token_id=eos, seed=cfg.seed,
-                             cache_path=cfg.target_cache or None, cache_tag=cfg.target)
+                             cache_path=cfg.target_cache or None, cache_tag=cfg.target,
+                             write_cache=main or not shard_target)
     mix = {"dataset": cfg.mix_dataset, "target": cfg.mix_target, "drafter": 0.0}
     name, params = parse_divergence(cfg.divergence)
     loss_fn = get_divergence(name, **params)
@@ -105,35 +119,38 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
     if cfg.resume and (out / "checkpoint" / "trainer_state.json").is_file():
         state = load_checkpoint(out / "checkpoint", head, optimizer, scheduler)
         vocab = head.vocab  # the checkpoint's d2t/t2d
-    log = MetricsLog(out)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    log = MetricsLog(out, enabled=main)
+    if main:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     dtype = next(target.parameters()).dtype  # the exported head's, as a server would load it
     recent: list[dict] = []  # the last steps' simulated acceptance, to compare with the next evaluation
 
+    def export_best() -> None:
+        if main:
+            export_sglang_eagle3(out / "best", head, tokenizer, dtype=dtype)
+        distributed.barrier()
+
     def evaluate(step: int) -> dict:
-        return evaluate_and_keep_best(step, target, head, eval_ids, eos, cfg, state, log,
-                                      export=lambda: export_sglang_eagle3(out / "best", head, tokenizer, dtype=dtype))
+        return evaluate_and_keep_best(step, target, head, eval_ids, eos, cfg, state, log, export=export_best)
 
     if state["step"] == 0:
         before = evaluate(0)
         state["tau_before"], state["alpha_before"] = before["tau"], before["alpha_per_position"]
 
     bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="eagle3 ttt",
-               disable=not progress)
+               disable=not (progress and main))
     for step in bar:
         started = time.perf_counter()
         # 1. Contexts and plans of every micro-batch first: each TTT step's loss is divided by its
-        #    token count over the whole optimizer step.
+        #    token count over the whole optimizer step (every micro-batch, every rank).
         micro_batches = []
         for micro in range(cfg.grad_accum):
-            positions = batch_positions(step, micro, cfg)
-            rows = [row_generator(cfg.seed, p) for p in positions]
-            indices = [int(order[p % len(order)]) for p in positions]
-            responses = [rollouts.response(i, pick_source(mix, g), g) for i, g in zip(indices, rows)]
+            indices, responses, rows = micro_batch_rows(step, micro, cfg, order, rollouts, mix, shard_target)
             batch = pack_right([prompt_ids[i][0].tolist() for i in indices], responses, pad_id).to(device)
             plan = plan_ttt(batch, cfg.ttt_steps, cfg.ttt_chain, cfg.ttt_anchors, rows)
             micro_batches.append((batch, plan, rows))
         counts = [sum(per_step) for per_step in zip(*(plan.counts() for _, plan, _ in micro_batches))]
+        counts = [int(n) for n in distributed.all_sum(counts)]
 
         # 2. Target forward(s), the head's unroll, weighted step losses, backward per micro-batch.
         optimizer.zero_grad(set_to_none=True)
@@ -153,11 +170,18 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
                 accept_sums[j] += accept
                 agree_sums[j] += agree
             loss.backward()
+        distributed.sum_gradients(trainable)  # every rank's head takes the same step
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
         optimizer.step()
         scheduler.step()
         seconds = time.perf_counter() - started
 
+        # Metrics of the global batch (sums over ranks).
+        n = cfg.ttt_steps
+        totals = distributed.all_sum([*loss_sums, *accept_sums, *agree_sums, step_target_tokens,
+                                      rollouts.target_forward_tokens])
+        loss_sums, accept_sums, agree_sums = totals[:n], totals[n: 2 * n], totals[2 * n: 3 * n]
+        step_target_tokens, rollout_tokens = int(totals[3 * n]), int(totals[3 * n + 1])
         state["target_tokens"] += step_target_tokens
         sim_alpha = [a / max(1, n) for a, n in zip(accept_sums, counts)]
         sim_agree = [a / max(1, n) for a, n in zip(agree_sums, counts)]
@@ -168,7 +192,7 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
                    "sim_tau_greedy": simulated_tau(sim_agree, cfg.gamma),
                    "scored_positions": counts[0], "target_tokens": step_target_tokens,
                    "target_tokens_total": state["target_tokens"],
-                   "target_rollout_tokens": rollouts.target_forward_tokens,
+                   "target_rollout_tokens": rollout_tokens,
                    "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "step_seconds": seconds}
         log.write(step + 1, **metrics)
         recent = (recent + [metrics])[-10:]
@@ -176,15 +200,16 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
         state["step"] = step + 1
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
             report = evaluate(state["step"])
-            bar.write(f"step {state['step']}: held-out tau {report['tau']:.3f}, decoder alpha per position "
-                      f"{_rates(report['alpha_per_position'])}, simulated {_rates(sim_alpha[:cfg.gamma])}")
+            if main:
+                bar.write(f"step {state['step']}: held-out tau {report['tau']:.3f}, decoder alpha per position "
+                          f"{_rates(report['alpha_per_position'])}, simulated {_rates(sim_alpha[:cfg.gamma])}")
             state["last_eval"] = report
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
             save_checkpoint(out / "checkpoint", head, optimizer, scheduler, state)
 
     after = state.get("last_eval")
     simulated = simulated_acceptance(recent, cfg)
-    if after is not None and state["alpha_before"] is not None:
+    if main and after is not None and state["alpha_before"] is not None:
         series = {"before": state["alpha_before"], "after": after["alpha_per_position"]}
         if simulated:
             series["simulated in training (last steps)"] = simulated["alpha_per_position"]
@@ -195,7 +220,8 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
                "best_tau": state["best_tau"], "steps": state["step"], "target_tokens": state["target_tokens"],
                "measured_alpha_per_position": after["alpha_per_position"] if after else None,
                "simulated": simulated, "draft_vocab_size": len(vocab), "out_dir": str(out)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
