@@ -11,11 +11,17 @@ Time in the target is measured by hooks around its forward (synchronised on CUDA
 matmuls: the target forward 2 * P_target per token (over the context, plus the chain tokens with
 sampled chains), the head 6 * P_head per token per TTT step (forward + backward), attention scores
 left out, so MFU is a slight underestimate. Writes benchmarks/results/eagle3_throughput_<shape>_<device>.json.
+
+--feature-cache DIR (data chains) also times the offline mode on the same batch in the same run:
+one step stores the batch's target features (train/feature_cache.py), then the timed steps read
+them, and the result adds their step time, the ratio to the step with the target in the loop, and
+the cache's bytes per context token.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +33,7 @@ from draftdistill.eval.machine import machine_info
 from draftdistill.losses import get_divergence
 from draftdistill.models.draft_vocab import DraftVocab
 from draftdistill.models.eagle3 import build_eagle3_head
+from draftdistill.train.feature_cache import FeatureCache, cache_identity
 from draftdistill.train.ttt import ContextBatch, plan_ttt, step_loss, ttt_forward
 
 SHAPES = {  # (hidden, layers, heads, kv_heads, intermediate, vocab)
@@ -51,6 +58,8 @@ def parse_args(argv):
     ap.add_argument("--draft-vocab", type=int, default=32000)
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--feature-cache", default="", help="also time data-chain steps that read the target features "
+                                                       "from this directory (emptied first)")
     ap.add_argument("--out", default="")
     return ap.parse_args(argv)
 
@@ -108,10 +117,10 @@ def main(argv=None):
     batch = ContextBatch(ids, torch.full((args.batch,), args.seq, device=device),
                          torch.full((args.batch,), args.prompt, device=device))
 
-    def step() -> int:
+    def step(features=None) -> int:
         plan = plan_ttt(batch, args.ttt_steps, args.chain, args.anchors, generators)
         optimizer.zero_grad(set_to_none=True)
-        scored, target_tokens = ttt_forward(head, target, batch, plan, 1.0, generators)
+        scored, target_tokens = ttt_forward(head, target, batch, plan, 1.0, generators, features)
         counts = plan.counts()
         loss = sum(0.8 ** j * step_loss(r, head.vocab, loss_fn) / max(1, counts[j]) for j, r in enumerate(scored))
         loss.backward()
@@ -119,18 +128,41 @@ def main(argv=None):
         optimizer.step()
         return target_tokens
 
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    timer.seconds, target_tokens = 0.0, 0
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        target_tokens += step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+    def timed(features=None) -> tuple[float, int]:
+        """(seconds, target tokens) of args.steps steps after args.warmup untimed ones."""
+        for _ in range(args.warmup):
+            step(features)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        timer.seconds, tokens = 0.0, 0
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            tokens += step(features)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started, tokens
+
+    seconds, target_tokens = timed()
+    target_seconds = timer.seconds
+    peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    offline = None
+    if args.feature_cache:
+        if args.chain != "data":
+            raise SystemExit("--feature-cache times data chains only")
+        directory = Path(args.feature_cache)
+        shutil.rmtree(directory, ignore_errors=True)
+        features = FeatureCache(directory, cache_identity(args.shape, target, head.aux_layer_ids))
+        cached_seconds, cached_tokens = timed(features)  # the first warmup step stores the features
+        stored = sum(f.stat().st_size for f in directory.glob("*/*.safetensors"))
+        offline = {"step_seconds": cached_seconds / args.steps,
+                   "context_tokens_per_second": args.batch * args.seq * args.steps / cached_seconds,
+                   "target_tokens_per_step": cached_tokens / args.steps,
+                   "target_forward_share": timer.seconds / cached_seconds,
+                   "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   "speedup_over_target_in_the_loop": seconds / cached_seconds,
+                   "cache_bytes_per_context_token": stored / (args.batch * args.seq),
+                   "rows_read": features.rows_read, "rows_computed": features.rows_computed}
 
     context_tokens = args.batch * args.seq * args.steps
     head_positions = args.batch * (args.seq - 1) * args.steps  # every position runs every TTT step
@@ -147,11 +179,12 @@ def main(argv=None):
         "step_seconds": seconds / args.steps,
         "context_tokens_per_second": context_tokens / seconds,
         "target_tokens_per_step": target_tokens / args.steps,
-        "target_forward_share": timer.seconds / seconds,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "target_forward_share": target_seconds / seconds,
+        "peak_memory_gib": peak_memory,
         "model_tflops_per_second": flops / seconds / 1e12,
         "mfu": flops / seconds / 1e12 / peak if peak else None,
         "mfu_peak_tflops": peak,
+        "offline_from_feature_cache": offline,
     }
     out = Path(args.out or f"benchmarks/results/eagle3_throughput_{args.shape}_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,8 @@ class DrafterOPDConfig:
     draft_vocab_size: int = 32000  # a fresh head's draft vocabulary: the most frequent training tokens
     # (capped at the target's vocabulary)
     aux_layers: str = ""  # a fresh head's target layers, e.g. "1,14,26" ("": SGLang's default low/mid/high)
+    feature_cache: str = ""  # data chains: a directory of the contexts' target features (aux and final hidden
+    # states); a context seen again skips the target's layers, for runs of several epochs ("": none)
     # torchrun only (ignored in one process):
     fsdp: bool = True  # FSDP2-shard the drafter (false: replicate it, i.e. DDP)
     teacher_parallel: str = "replicate"  # the frozen target: replicate | shard

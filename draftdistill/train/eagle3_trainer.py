@@ -38,6 +38,7 @@ from draftdistill.serving.export_eagle3 import export_sglang_eagle3
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .drafter_opd import DrafterOPDConfig, evaluate_and_keep_best, lr_lambda, micro_batch_rows
+from .feature_cache import FeatureCache, cache_identity
 from .metrics import MetricsLog
 from .rollouts import RolloutSource
 from .ttt import pack_right, plan_ttt, simulated_tau, step_acceptance, step_loss, ttt_forward
@@ -52,6 +53,12 @@ def check_eagle3_config(cfg: DrafterOPDConfig) -> None:
                          "mix_dataset and/or mix_target > 0 (its on-policy variant is ttt_chain=sampled)")
     if cfg.rejected_only:
         raise ValueError("rejected_only applies to standalone drafters; not to EAGLE-3 heads")
+    if cfg.feature_cache and cfg.ttt_chain != "data":
+        raise ValueError("feature_cache serves data chains only (the target scores sampled chains on each "
+                         "context's KV cache): set ttt_chain=data or feature_cache=''")
+    if cfg.feature_cache and distributed.launched() and cfg.teacher_parallel == "shard":
+        raise ValueError("feature_cache needs teacher_parallel=replicate: a sharded target's forward is a "
+                         "collective, which ranks reading their rows from the cache would skip")
     if cfg.ttt_steps < 1 or not 0 < cfg.ttt_decay <= 1:
         raise ValueError(f"need ttt_steps >= 1 and 0 < ttt_decay <= 1, got {cfg.ttt_steps}, {cfg.ttt_decay}")
 
@@ -110,6 +117,8 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
                              cache_path=cfg.target_cache or None, cache_tag=cfg.target,
                              write_cache=main or not shard_target)
     mix = {"dataset": cfg.mix_dataset, "target": cfg.mix_target, "drafter": 0.0}
+    features = FeatureCache(cfg.feature_cache, cache_identity(cfg.target, target, head.aux_layer_ids)) \
+        if cfg.feature_cache else None
     name, params = parse_divergence(cfg.divergence)
     loss_fn = get_divergence(name, **params)
 
@@ -159,7 +168,7 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
         agree_sums = [0.0] * cfg.ttt_steps
         step_target_tokens = 0
         for batch, plan, rows in micro_batches:
-            scored, target_tokens = ttt_forward(head, target, batch, plan, cfg.rollout_temperature, rows)
+            scored, target_tokens = ttt_forward(head, target, batch, plan, cfg.rollout_temperature, rows, features)
             step_target_tokens += target_tokens
             loss = 0.0
             for j, step_rows in enumerate(scored):
@@ -178,10 +187,11 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
 
         # Metrics of the global batch (sums over ranks).
         n = cfg.ttt_steps
+        cached = [features.rows_read, features.rows_computed] if features else [0, 0]
         totals = distributed.all_sum([*loss_sums, *accept_sums, *agree_sums, step_target_tokens,
-                                      rollouts.target_forward_tokens])
+                                      rollouts.target_forward_tokens, *cached])
         loss_sums, accept_sums, agree_sums = totals[:n], totals[n: 2 * n], totals[2 * n: 3 * n]
-        step_target_tokens, rollout_tokens = int(totals[3 * n]), int(totals[3 * n + 1])
+        step_target_tokens, rollout_tokens, rows_read, rows_computed = map(int, totals[3 * n:])
         state["target_tokens"] += step_target_tokens
         sim_alpha = [a / max(1, n) for a, n in zip(accept_sums, counts)]
         sim_agree = [a / max(1, n) for a, n in zip(agree_sums, counts)]
@@ -194,6 +204,8 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
                    "target_tokens_total": state["target_tokens"],
                    "target_rollout_tokens": rollout_tokens,
                    "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "step_seconds": seconds}
+        if features:  # rows since this process started (a resumed run counts afresh)
+            metrics.update(feature_rows_read=rows_read, feature_rows_computed=rows_computed)
         log.write(step + 1, **metrics)
         recent = (recent + [metrics])[-10:]
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", sim_tau=f"{metrics['sim_tau']:.2f}")

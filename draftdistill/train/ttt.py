@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 from draftdistill.models.eagle3 import target_aux_hidden_states
 
+from .feature_cache import FeatureCache, context_features
+
 CHAINS = ("data", "sampled")
 
 
@@ -155,18 +157,27 @@ class StepRows:
 
 
 def ttt_forward(head, target, batch: ContextBatch, plan: TTTPlan, temperature: float = 1.0,
-                generators: list[torch.Generator] | None = None) -> tuple[list[StepRows], int]:
+                generators: list[torch.Generator] | None = None,
+                features: FeatureCache | None = None) -> tuple[list[StepRows], int]:
     """Target forward(s) + the head's TTT unroll; returns each step's scored rows (in (row, t)
-    order) and the number of tokens the target ran over (context + chain tokens)."""
+    order) and the number of tokens the target ran over (context + chain tokens).
+    features: data chains only, the contexts' target features from this cache when it holds them
+    (feature_cache.py); the result is the same, without the target's layers."""
     ids = batch.ids
     B, L = ids.shape
     sampled = plan.chain == "sampled"
-    attention = (torch.arange(L, device=ids.device)[None] < batch.lengths[:, None]).long()
     with torch.no_grad():
-        aux, out = target_aux_hidden_states(target, ids, head.aux_layer_ids, attention_mask=attention,
-                                            use_cache=sampled)
-    context_logits = out.logits[:, 1:]  # teacher of step 0 at t: the target at t + 1
-    target_tokens = int(batch.lengths.sum())
+        if features is not None:
+            if sampled:
+                raise ValueError("cached features serve data chains only: the target scores sampled chains on "
+                                 "each context's KV cache")
+            aux, target_logits, target_tokens = context_features(target, head.aux_layer_ids, ids, batch.lengths, features)
+        else:
+            attention = (torch.arange(L, device=ids.device)[None] < batch.lengths[:, None]).long()
+            aux, out = target_aux_hidden_states(target, ids, head.aux_layer_ids, attention_mask=attention,
+                                                use_cache=sampled)
+            target_logits, target_tokens = out.logits, int(batch.lengths.sum())
+    context_logits = target_logits[:, 1:]  # teacher of step 0 at t: the target at t + 1
 
     cache, vocab = head.new_cache(), head.vocab
     logits, h = head(ids[:, 1:], head.fuse(aux[:, :-1]), cache)

@@ -1,0 +1,122 @@
+"""Cached target features for EAGLE-3 training with data chains: the offline mode, for small runs
+that see each context many times (several epochs over a prompt pool, or benchmark arms that share
+contexts).
+
+For each context row (prompt + response token ids) the cache keeps what the head needs from the
+target: the aux hidden states it reads ([T, len(aux layers) * H]) and the target's final hidden
+state ([T, H], after the final norm), from which the target's logits are one lm_head matmul away.
+This is the pair SpecForge's offline mode stores; it costs 2 * (len(aux) + 1) * H bytes per token in
+bf16 (4.6 KB for SmolLM2, 32 KB for an 8B Llama), where full logits would cost 2 * V. A context
+seen again skips the target's decoder layers; a new one runs the target and is stored.
+
+Files: DIR/meta.json (what the features were computed with: a run on another target or other aux
+layers is refused), DIR/<2 hex>/<sha1 of the token ids>.safetensors holding `ids`, `aux` and `final`.
+Each file is written to a temporary name and renamed, so a killed run leaves no half file; a file
+that does not read back (or holds other ids) is computed again and overwritten. Safetensors only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from draftdistill.models.eagle3 import target_aux_hidden_states
+
+
+class FeatureCache:
+    def __init__(self, directory: str | Path, identity: dict):
+        """identity: what the features depend on (the target, its dtype, the aux layers), as JSON."""
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.identity = json.loads(json.dumps(identity))  # as it reads back from meta.json
+        meta = self.directory / "meta.json"
+        if not meta.is_file():
+            _write_atomically(meta, lambda tmp: Path(tmp).write_text(json.dumps(self.identity, indent=1)))
+        stored = json.loads(meta.read_text())
+        if stored != self.identity:
+            raise ValueError(f"feature cache {self.directory} holds features of {stored}, this run needs "
+                             f"{self.identity}: point feature_cache at another directory")
+        self.rows_read = 0  # context rows served from the cache (the target's layers skipped)
+        self.rows_computed = 0  # context rows the target ran over (the missing ones then stored)
+
+    def path(self, ids: list[int]) -> Path:
+        key = hashlib.sha1(json.dumps(ids).encode()).hexdigest()
+        return self.directory / key[:2] / f"{key}.safetensors"
+
+    def get(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(aux [T, A * H], final [T, H]) on the CPU, or None when the row is not (readably) stored."""
+        path = self.path(ids)
+        if not path.is_file():
+            return None
+        try:
+            stored = load_file(path)
+            if stored["ids"].tolist() != ids or stored["aux"].shape[0] != len(ids) or stored["final"].shape[0] != len(ids):
+                raise ValueError("holds another context")
+        except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as error:
+            warnings.warn(f"feature cache file {path} is unreadable ({error}); computing it again")
+            return None
+        return stored["aux"], stored["final"]
+
+    def put(self, ids: list[int], aux: torch.Tensor, final: torch.Tensor) -> None:
+        path = self.path(ids)
+        path.parent.mkdir(exist_ok=True)
+        tensors = {"ids": torch.tensor(ids, dtype=torch.long), "aux": aux.detach().contiguous().cpu(),
+                   "final": final.detach().contiguous().cpu()}
+        _write_atomically(path, lambda tmp: save_file(tensors, tmp))  # two ranks storing a row write the same bytes
+
+
+def cache_identity(target_name: str, target, aux_layer_ids: list[int]) -> dict:
+    config = target.config
+    return {"target": target_name, "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
+            "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+            "vocab_size": config.vocab_size, "aux_layer_ids": list(aux_layer_ids)}
+
+
+def context_features(target, aux_layer_ids: list[int], ids: torch.Tensor, lengths: torch.Tensor,
+                     cache: FeatureCache) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(aux [B, L, A * H], the target's logits [B, L, V], target tokens run) of a right-padded batch.
+    Every row stored: the logits come from the stored final states through the target's lm_head and
+    the target's layers do not run (0 tokens). Otherwise one target forward over the batch, whose
+    missing rows are stored. Padded positions hold zeros (cached) or the target's outputs over the
+    padding (computed): the head never reads them and they are never scored."""
+    rows = [ids[i, : int(n)].tolist() for i, n in enumerate(lengths)]
+    stored = [cache.get(row) for row in rows]
+    if any(s is None for s in stored):
+        attention = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
+        aux, out = target_aux_hidden_states(target, ids, aux_layer_ids, attention_mask=attention)
+        final = out.hidden_states[-1]  # after the final norm: lm_head(final) == out.logits
+        for i, (row, s) in enumerate(zip(rows, stored)):
+            if s is None:
+                cache.put(row, aux[i, : len(row)], final[i, : len(row)])
+        cache.rows_computed += len(rows)
+        return aux, out.logits, int(lengths.sum())
+    cache.rows_read += len(rows)
+    aux = _pad([a for a, _ in stored], ids.shape[1]).to(ids.device)
+    final = _pad([f for _, f in stored], ids.shape[1]).to(ids.device)
+    return aux, target.get_output_embeddings()(final), 0
+
+
+def _pad(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    out = rows[0].new_zeros((len(rows), length, rows[0].shape[-1]))
+    for i, row in enumerate(rows):
+        out[i, : row.shape[0]] = row
+    return out
+
+
+def _write_atomically(path: Path, write) -> None:
+    """write(tmp) into a temporary sibling, then rename it to `path`: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
