@@ -186,12 +186,12 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
         seconds = time.perf_counter() - started
 
         # Metrics of the global batch (sums over ranks).
-        n = cfg.ttt_steps
+        k = cfg.ttt_steps
         cached = [features.rows_read, features.rows_computed] if features else [0, 0]
         totals = distributed.all_sum([*loss_sums, *accept_sums, *agree_sums, step_target_tokens,
                                       rollouts.target_forward_tokens, *cached])
-        loss_sums, accept_sums, agree_sums = totals[:n], totals[n: 2 * n], totals[2 * n: 3 * n]
-        step_target_tokens, rollout_tokens, rows_read, rows_computed = map(int, totals[3 * n:])
+        loss_sums, accept_sums, agree_sums = totals[:k], totals[k: 2 * k], totals[2 * k: 3 * k]
+        step_target_tokens, rollout_tokens, rows_read, rows_computed = map(int, totals[3 * k:])
         state["target_tokens"] += step_target_tokens
         sim_alpha = [a / max(1, n) for a, n in zip(accept_sums, counts)]
         sim_agree = [a / max(1, n) for a, n in zip(agree_sums, counts)]
