@@ -128,6 +128,9 @@ def main(argv=None):
         optimizer.step()
         return target_tokens
 
+    def peak_memory_gib() -> float | None:  # since the last reset in timed()
+        return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
     def timed(features=None) -> tuple[float, int]:
         """(seconds, target tokens) of args.steps steps after args.warmup untimed ones."""
         for _ in range(args.warmup):
@@ -145,7 +148,7 @@ def main(argv=None):
 
     seconds, target_tokens = timed()
     target_seconds = timer.seconds
-    peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peak_memory = peak_memory_gib()
     offline = None
     if args.feature_cache:
         if args.chain != "data":
@@ -159,7 +162,7 @@ def main(argv=None):
                    "context_tokens_per_second": args.batch * args.seq * args.steps / cached_seconds,
                    "target_tokens_per_step": cached_tokens / args.steps,
                    "target_forward_share": timer.seconds / cached_seconds,
-                   "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   "peak_memory_gib": peak_memory_gib(),
                    "speedup_over_target_in_the_loop": seconds / cached_seconds,
                    "cache_bytes_per_context_token": stored / (args.batch * args.seq),
                    "rows_read": features.rows_read, "rows_computed": features.rows_computed}

@@ -27,8 +27,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from draftdistill.models.eagle3 import target_aux_hidden_states
-
 
 class FeatureCache:
     def __init__(self, directory: str | Path, identity: dict):
@@ -61,6 +59,7 @@ class FeatureCache:
                 raise ValueError("holds another context")
         except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as error:
             warnings.warn(f"feature cache file {path} is unreadable ({error}); computing it again")
+            path.unlink(missing_ok=True)  # so that `store` writes it afresh
             return None
         return stored["aux"], stored["final"]
 
@@ -71,36 +70,36 @@ class FeatureCache:
                    "final": final.detach().contiguous().cpu()}
         _write_atomically(path, lambda tmp: save_file(tensors, tmp))  # two ranks storing a row write the same bytes
 
+    def context(self, target, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(aux [B, L, A * H], the target's logits [B, L, V]) of a right-padded batch whose rows are all
+        stored, the logits from the stored final states through the target's lm_head (its layers do
+        not run); None at the first row that is not, and the caller runs the target and `store`s.
+        Padded positions hold zeros: the head never reads them and they are never scored."""
+        stored = []
+        for i, n in enumerate(lengths):
+            row = self.get(ids[i, : int(n)].tolist())
+            if row is None:
+                return None
+            stored.append(row)
+        self.rows_read += len(stored)
+        aux = _pad([a for a, _ in stored], ids.shape[1]).to(ids.device)
+        final = _pad([f for _, f in stored], ids.shape[1]).to(ids.device)
+        return aux, target.get_output_embeddings()(final)
+
+    def store(self, ids: torch.Tensor, lengths: torch.Tensor, aux: torch.Tensor, final: torch.Tensor) -> None:
+        """The rows of a batch the target ran over (aux and final states [B, L, .]), those not stored yet."""
+        for i, n in enumerate(lengths.tolist()):
+            row = ids[i, :n].tolist()
+            if not self.path(row).is_file():
+                self.put(row, aux[i, :n], final[i, :n])
+        self.rows_computed += len(lengths)
+
 
 def cache_identity(target_name: str, target, aux_layer_ids: list[int]) -> dict:
     config = target.config
     return {"target": target_name, "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
             "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
             "vocab_size": config.vocab_size, "aux_layer_ids": list(aux_layer_ids)}
-
-
-def context_features(target, aux_layer_ids: list[int], ids: torch.Tensor, lengths: torch.Tensor,
-                     cache: FeatureCache) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(aux [B, L, A * H], the target's logits [B, L, V], target tokens run) of a right-padded batch.
-    Every row stored: the logits come from the stored final states through the target's lm_head and
-    the target's layers do not run (0 tokens). Otherwise one target forward over the batch, whose
-    missing rows are stored. Padded positions hold zeros (cached) or the target's outputs over the
-    padding (computed): the head never reads them and they are never scored."""
-    rows = [ids[i, : int(n)].tolist() for i, n in enumerate(lengths)]
-    stored = [cache.get(row) for row in rows]
-    if any(s is None for s in stored):
-        attention = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
-        aux, out = target_aux_hidden_states(target, ids, aux_layer_ids, attention_mask=attention)
-        final = out.hidden_states[-1]  # after the final norm: lm_head(final) == out.logits
-        for i, (row, s) in enumerate(zip(rows, stored)):
-            if s is None:
-                cache.put(row, aux[i, : len(row)], final[i, : len(row)])
-        cache.rows_computed += len(rows)
-        return aux, out.logits, int(lengths.sum())
-    cache.rows_read += len(rows)
-    aux = _pad([a for a, _ in stored], ids.shape[1]).to(ids.device)
-    final = _pad([f for _, f in stored], ids.shape[1]).to(ids.device)
-    return aux, target.get_output_embeddings()(final), 0
 
 
 def _pad(rows: list[torch.Tensor], length: int) -> torch.Tensor:

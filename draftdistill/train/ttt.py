@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from draftdistill.models.eagle3 import target_aux_hidden_states
 
-from .feature_cache import FeatureCache, context_features
+from .feature_cache import FeatureCache
 
 CHAINS = ("data", "sampled")
 
@@ -166,17 +166,20 @@ def ttt_forward(head, target, batch: ContextBatch, plan: TTTPlan, temperature: f
     ids = batch.ids
     B, L = ids.shape
     sampled = plan.chain == "sampled"
+    if features is not None and sampled:
+        raise ValueError("cached features serve data chains only: the target scores sampled chains on each "
+                         "context's KV cache")
     with torch.no_grad():
-        if features is not None:
-            if sampled:
-                raise ValueError("cached features serve data chains only: the target scores sampled chains on "
-                                 "each context's KV cache")
-            aux, target_logits, target_tokens = context_features(target, head.aux_layer_ids, ids, batch.lengths, features)
+        cached = features.context(target, ids, batch.lengths) if features is not None else None
+        if cached is not None:
+            (aux, target_logits), target_tokens = cached, 0
         else:
             attention = (torch.arange(L, device=ids.device)[None] < batch.lengths[:, None]).long()
             aux, out = target_aux_hidden_states(target, ids, head.aux_layer_ids, attention_mask=attention,
                                                 use_cache=sampled)
             target_logits, target_tokens = out.logits, int(batch.lengths.sum())
+            if features is not None:  # the final states, after the final norm: lm_head of them is out.logits
+                features.store(ids, batch.lengths, aux, out.hidden_states[-1])
     context_logits = target_logits[:, 1:]  # teacher of step 0 at t: the target at t + 1
 
     cache, vocab = head.new_cache(), head.vocab
