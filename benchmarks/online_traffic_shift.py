@@ -80,6 +80,23 @@ def phase_alpha(rows, phase, part):
     return sum(r["accepted"] for r in chosen) / max(1, sum(r["proposed"] for r in chosen))
 
 
+def gain_windows(result, size):
+    """Online minus frozen alpha over consecutive windows of `size` requests in each phase: how soon after
+    a shift the online drafter pulls ahead, and whether it stays ahead."""
+    windows = []
+    for phase in ("chat", "math", "code"):
+        frozen = [r for r in result["arms"]["frozen"]["requests"] if r["phase"] == phase]
+        online = [r for r in result["arms"]["online"]["requests"] if r["phase"] == phase]
+        for start in range(0, len(frozen), size):
+            alpha = {arm: sum(r["accepted"] for r in rows[start:start + size]) /
+                     max(1, sum(r["proposed"] for r in rows[start:start + size]))
+                     for arm, rows in (("frozen", frozen), ("online", online))}
+            windows.append({"phase": phase, "requests": [start, min(start + size, len(frozen))],
+                            "frozen_alpha": alpha["frozen"], "online_alpha": alpha["online"],
+                            "gain": alpha["online"] - alpha["frozen"]})
+    return windows
+
+
 def plot(result, path):
     import matplotlib
 
@@ -119,6 +136,7 @@ def main(argv=None):
     ap.add_argument("--steps-per-update", type=int, default=4)
     ap.add_argument("--window", type=int, default=6)
     ap.add_argument("--smooth", type=int, default=10)
+    ap.add_argument("--report-every", type=int, default=20, help="requests per window of the gain table")
     ap.add_argument("--out", default="benchmarks/results/online_traffic_shift.json")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -136,13 +154,14 @@ def main(argv=None):
     result["summary"] = {phase: {f"{arm}_{part}": phase_alpha(result["arms"][arm]["requests"], phase, part)
                                  for arm in ("frozen", "online") for part in ("first", "second")}
                          for phase in ("chat", "math", "code")}
+    result["windows"] = gain_windows(result, args.report_every)
     swaps = result["arms"]["online"]["swaps"]
     result["swap_pause_ms"] = [1000 * s["swap_seconds"] for s in swaps]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
-    print(json.dumps({"summary": result["summary"], "identical_outputs": result["identical_outputs"],
+    print(json.dumps({"summary": result["summary"], "windows": result["windows"], "identical_outputs": result["identical_outputs"],
                       "swap_pause_ms": result["swap_pause_ms"]}, indent=1))
 
 

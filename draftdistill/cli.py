@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from draftdistill.spec.options import tree_config, tree_options
+
 DEFAULT_TARGET = "smollm2-135m-instruct"
 USER_ERRORS = (FileNotFoundError, ValueError, TypeError)  # PromptFileError, TokenizerMismatchError are ValueErrors
 
@@ -84,6 +86,8 @@ prompts_option = click.option("--prompts", default="gsm8k:heldout", show_default
 num_prompts_option = click.option("--num-prompts", default=20, show_default=True, help="Use the first N prompts.")
 max_new_option = click.option("--max-new-tokens", default=64, show_default=True, help="Tokens generated per prompt.")
 gamma_option = click.option("--gamma", default=4, show_default=True, help="Draft tokens proposed per target forward.")
+
+
 seed_option = click.option("--seed", default=0, show_default=True, help="Sampling seed (prompt i uses seed + i).")
 device_option = click.option("--device", default=None, help="cpu or cuda[:N]; default: cuda if available, else cpu.")
 
@@ -106,6 +110,7 @@ def main():
 @gamma_option
 @click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling threshold, applied to both models.")
+@tree_options
 @seed_option
 @device_option
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
@@ -113,8 +118,8 @@ def main():
 @click.option("--json", "json_out", default=None, help="Write the full report to this JSON file.")
 @click.option("--plot", default=None, help="Write a PNG of alpha per draft position here.")
 @fail_clearly
-def eval_command(target, drafter, prompts, num_prompts, max_new_tokens, gamma, temperature, top_p, seed, device,
-                 baseline, json_out, plot):
+def eval_command(target, drafter, prompts, num_prompts, max_new_tokens, gamma, temperature, top_p, tree_depth,
+                 tree_top_k, tree_max_nodes, seed, device, baseline, json_out, plot):
     """Measure a drafter on the lossless speculative decoder: alpha per position, tau, tokens/s, speedup."""
     from draftdistill.eval import evaluate_drafter, plot_alpha_per_position
     from draftdistill.eval.machine import machine_info
@@ -123,13 +128,15 @@ def eval_command(target, drafter, prompts, num_prompts, max_new_tokens, gamma, t
 
     target_model, tokenizer, ids, eos, device = setup(target, prompts, num_prompts, device)
     drafter_model = load_drafter(drafter, target_model, tokenizer)
+    tree = tree_config(tree_depth, tree_top_k, tree_max_nodes)
     report = evaluate_drafter(target_model, drafter_model, ids, gamma=gamma,
                               sampling=SamplingConfig(temperature=temperature, top_p=top_p),
-                              max_new_tokens=max_new_tokens, eos_token_id=eos, seed=seed, baseline=baseline)
+                              max_new_tokens=max_new_tokens, eos_token_id=eos, seed=seed, baseline=baseline, tree=tree)
     report.update(target=target, drafter=drafter, prompts=prompts, command=" ".join(sys.argv),
                   machine=machine_info(device))
     spec = report["speculative"]
-    click.echo(f"drafter {drafter} on {target}: {len(ids)} prompts, gamma {gamma}, T={temperature}")
+    shape = f"tree depth {tree.depth} top-k {tree.top_k} <= {tree.max_nodes} nodes" if tree else f"gamma {gamma}"
+    click.echo(f"drafter {drafter} on {target}: {len(ids)} prompts, {shape}, T={temperature}")
     click.echo("alpha per position: " + "  ".join(fmt(a) for a in spec["alpha_per_position"]))
     click.echo(f"alpha {spec['alpha']:.3f}   tau {spec['tau']:.3f} tokens/target call   "
                f"{spec['tokens_per_second']:.1f} tokens/s")
@@ -141,7 +148,7 @@ def eval_command(target, drafter, prompts, num_prompts, max_new_tokens, gamma, t
         click.echo(f"wrote {json_out}")
     if plot:
         plot_alpha_per_position({drafter: spec["alpha_per_position"]}, plot,
-                                title=f"{target}, gamma {gamma}, T={temperature}")
+                                title=f"{target}, {shape}, T={temperature}")
         click.echo(f"wrote {plot}")
 
 

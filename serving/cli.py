@@ -5,6 +5,8 @@ import threading
 
 import click
 
+from draftdistill.spec.options import tree_config, tree_options
+
 DEFAULT_TARGET = "smollm2-135m-instruct"
 
 
@@ -18,6 +20,7 @@ def serve():
 @click.option("--drafter", default="pruned:2", show_default=True, help="Drafter: pruned:K, small:..., or a trained drafter dir.")
 @click.option("--port", default=8000, show_default=True, help="Port on 127.0.0.1 (loopback only).")
 @click.option("--gamma", default=4, show_default=True, help="Draft tokens proposed per target forward.")
+@tree_options
 @click.option("--online/--no-online", default=False, show_default=True,
               help="Distil the drafter from the served traffic in the background and hot-swap it (gated).")
 @click.option("--divergence", default="fkl", show_default=True, help="Online loss (any registry spec, e.g. jsd:beta=0.5).")
@@ -27,7 +30,7 @@ def serve():
 @click.option("--window", default=16, show_default=True,
               help="Requests a new draft version serves before it is kept or rolled back.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
-def serve_embedded(target, drafter, port, gamma, online, divergence, rejected_only, lr, update_every, window, device):
+def serve_embedded(target, drafter, port, gamma, tree_depth, tree_top_k, tree_max_nodes, online, divergence, rejected_only, lr, update_every, window, device):
     """Start the embedded server: POST /v1/completions, GET /health and /metrics, POST /control/weights."""
     from draftdistill.data import stop_token_ids
     from draftdistill.models import default_device, load_drafter, load_target, require_lm_drafter
@@ -42,6 +45,7 @@ def serve_embedded(target, drafter, port, gamma, online, divergence, rejected_on
     if online:
         require_lm_drafter(drafter_model, "--online")
     engine = EmbeddedSpecServer(target_model, drafter_model, tokenizer, gamma=gamma,
+                                tree=tree_config(tree_depth, tree_top_k, tree_max_nodes),
                                 eos_token_id=stop_token_ids(tokenizer, target_model))
     server = make_http_server(engine, port)
     stop = threading.Event()

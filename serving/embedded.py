@@ -14,7 +14,7 @@ import uuid
 
 import torch
 
-from draftdistill.spec import SamplingConfig, speculative_generate
+from draftdistill.spec import SamplingConfig, TreeConfig, speculative_generate
 from draftdistill.train.batching import pack, response_logits
 
 from .backend import FinishedRequest
@@ -22,9 +22,9 @@ from .backend import FinishedRequest
 
 class EmbeddedSpecServer:
     def __init__(self, target, drafter, tokenizer, *, gamma: int = 4, eos_token_id=None,
-                 log_capacity: int = 10_000):
+                 log_capacity: int = 10_000, tree: TreeConfig | None = None):
         self.target, self.drafter, self.tokenizer = target.eval(), drafter.eval(), tokenizer
-        self.gamma = gamma
+        self.gamma, self.tree = gamma, tree  # tree: draft EAGLE-2 trees instead of gamma-token chains
         self.eos = eos_token_id
         self.version = "v0"
         self.lock = threading.Lock()  # one decode or one swap at a time
@@ -45,7 +45,8 @@ class EmbeddedSpecServer:
         with self.lock, torch.no_grad():
             version = self.version
             tokens, stats = speculative_generate(self.target, self.drafter, ids, max_new_tokens, gamma=self.gamma,
-                                                 sampling=sampling, eos_token_id=self.eos, generator=generator)
+                                                 sampling=sampling, eos_token_id=self.eos, generator=generator,
+                                                 tree=self.tree)
         request = FinishedRequest(rid or uuid.uuid4().hex, list(prompt_ids), tokens.tolist(), version,
                                   verify_steps=stats.target_calls, finished_at=time.time(),
                                   meta={"spec": stats.to_dict(), "temperature": temperature, "top_p": top_p})

@@ -43,6 +43,21 @@ def test_eval_with_target_as_drafter_accepts_everything(tmp_path):
     assert spec["alpha_per_position"] == [1.0, 1.0] and spec["tau"] == 3.0
 
 
+def test_eval_with_a_draft_tree(tmp_path):
+    """--tree-depth: the target as drafter keeps every path to full depth; the report names the tree."""
+    target = save_model_dir(tmp_path / "target", layers=2, seed=0)
+    prompts = write_prompts(tmp_path / "p.jsonl", n=2)
+    out = tmp_path / "r.json"
+    result = run("eval", "--target", str(target), "--drafter", str(target), "--prompts", str(prompts),
+                 "--max-new-tokens", "9", "--tree-depth", "2", "--tree-top-k", "1", "--tree-max-nodes", "2",
+                 "--json", str(out), "--no-baseline")
+    assert result.exit_code == 0, result.output
+    assert "tree depth 2 top-k 1" in result.output
+    report = json.loads(out.read_text())
+    assert report["tree"] == {"depth": 2, "top_k": 1, "max_nodes": 2} and report["gamma"] is None
+    assert report["speculative"]["alpha_per_position"] == [1.0, 1.0] and report["speculative"]["tau"] == 3.0
+
+
 def test_malformed_prompt_file_is_a_clear_error(tmp_path):
     target = save_model_dir(tmp_path / "target")
     bad = tmp_path / "bad.jsonl"
@@ -61,7 +76,8 @@ def test_missing_target_is_a_clear_error(tmp_path):
 
 def test_help_explains_every_option():
     result = run("eval", "--help")
-    for option in ("--target", "--drafter", "--prompts", "--gamma", "--temperature", "--top-p", "--json", "--plot"):
+    for option in ("--target", "--drafter", "--prompts", "--gamma", "--temperature", "--top-p", "--tree-depth",
+                   "--tree-top-k", "--tree-max-nodes", "--json", "--plot"):
         assert option in result.output
 
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from draftdistill.models import build_small_drafter
-from draftdistill.spec import SamplingConfig, target_generate
+from draftdistill.spec import SamplingConfig, TreeConfig, target_generate
 from serving_helpers import make_engine
 from draftdistill.serving.backend import FinishedRequest
 from draftdistill.serving.http_api import make_http_server, serve_in_thread
@@ -38,6 +38,14 @@ def test_completions_are_the_targets_greedy_output_before_and_after_a_swap():
     assert before == expected == [r.output_ids for r in after]
     assert {r.weight_version for r in after} == {"v1"} and engine.swaps[-1]["version"] == "v1"
     assert all(r.accept_length is not None and 1 <= r.accept_length <= engine.gamma + 1 for r in after)
+
+
+def test_a_tree_drafting_server_serves_the_same_greedy_outputs():
+    engine = make_engine()
+    engine.tree = TreeConfig(depth=3, top_k=2, max_nodes=6)
+    served = [engine.complete(p, 8, temperature=0.0) for p in PROMPTS[:4]]
+    assert [r.output_ids for r in served] == [greedy(engine, p) for p in PROMPTS[:4]]
+    assert all(1 <= r.accept_length <= 4 for r in served) and served[0].meta["spec"]["drafts_scored"] > 0
 
 
 def post(url, body):

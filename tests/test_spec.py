@@ -431,7 +431,7 @@ def test_target_as_drafter_greedy_accepts_everything(greedy_setup):
     assert tokens.tolist() == reference[: 3 * (gamma + 1)] and len(tokens) == stats.new_tokens
     assert stats.alpha_per_position == [1.0] * gamma and stats.alpha == 1.0
     assert stats.target_calls == 3 and stats.tau == gamma + 1
-    assert stats.drafter_calls == 3 * gamma
+    assert stats.drafter_calls == 3 * gamma and stats.drafts_scored == 3 * gamma
     # a partial last block: 3 full rounds then one round of 2 tokens (1 draft + bonus)
     tokens, stats = speculative_generate(target, target, PROMPT, 3 * (gamma + 1) + 2, gamma=gamma)
     assert stats.target_calls == 4 and stats.proposed == [4, 3, 3, 3] and stats.accepted == stats.proposed

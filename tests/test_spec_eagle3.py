@@ -10,6 +10,7 @@
 """
 import pytest
 import torch
+from test_spec import one_thread  # noqa: F401  (autouse: tiny models run on one thread)
 from test_spec import T07_P08, T1, chi_square_pvalue, exact_distribution, hf_greedy, sample_counts, tiny_llama
 
 import draftdistill.spec.drafting as drafting_module
@@ -18,14 +19,6 @@ from draftdistill.models.eagle3 import build_eagle3_head, target_aux_hidden_stat
 from draftdistill.spec import logits_to_probs, speculative_generate, target_generate
 
 PROMPT = torch.tensor([[3, 5, 7, 11]])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only waits (see test_spec.py)
-    yield
-    torch.set_num_threads(before)
 
 
 def train_head(head, target, steps=120, ttt=2, seed=0):

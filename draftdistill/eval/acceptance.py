@@ -2,12 +2,13 @@
 beside target-only decoding of the same prompts for the speedup."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from draftdistill.spec import SamplingConfig, SpecStats, speculative_generate, target_generate
+from draftdistill.spec import SamplingConfig, SpecStats, TreeConfig, speculative_generate, target_generate
 
 
 def decode_all(generate_one, prompt_ids: list[torch.Tensor], seed: int, desc: str, progress: bool) -> SpecStats:
@@ -22,13 +23,16 @@ def decode_all(generate_one, prompt_ids: list[torch.Tensor], seed: int, desc: st
 
 def evaluate_drafter(target, drafter, prompt_ids: list[torch.Tensor], *, gamma: int = 4,
                      sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 64,
-                     eos_token_id=None, seed: int = 0, baseline: bool = True, progress: bool = True) -> dict:
-    """Return a JSON-able report: speculative stats, target-only stats and the speedup."""
+                     eos_token_id=None, seed: int = 0, baseline: bool = True, progress: bool = True,
+                     tree: TreeConfig | None = None) -> dict:
+    """Return a JSON-able report: speculative stats, target-only stats and the speedup. With `tree`,
+    the decoder drafts EAGLE-2 trees instead of chains of gamma tokens."""
     started = time.perf_counter()
-    spec = speculative_stats(target, drafter, prompt_ids, gamma=gamma, sampling=sampling,
-                             max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, seed=seed, progress=progress)
+    spec = speculative_stats(target, drafter, prompt_ids, gamma=gamma, sampling=sampling, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos_token_id, seed=seed, progress=progress, tree=tree)
     report = {
-        "gamma": gamma, "temperature": sampling.temperature, "top_p": sampling.top_p,
+        "gamma": None if tree else gamma, "tree": dataclasses.asdict(tree) if tree else None,
+        "temperature": sampling.temperature, "top_p": sampling.top_p,
         "max_new_tokens": max_new_tokens, "num_prompts": len(prompt_ids), "seed": seed,
         "speculative": spec.to_dict(),
     }
@@ -42,11 +46,12 @@ def evaluate_drafter(target, drafter, prompt_ids: list[torch.Tensor], *, gamma: 
 
 
 def speculative_stats(target, drafter, prompt_ids: list[torch.Tensor], *, gamma: int, sampling: SamplingConfig,
-                      max_new_tokens: int, eos_token_id=None, seed: int = 0, progress: bool = True) -> SpecStats:
+                      max_new_tokens: int, eos_token_id=None, seed: int = 0, progress: bool = True,
+                      tree: TreeConfig | None = None) -> SpecStats:
     """The lossless decoder over every prompt, its stats merged."""
     return decode_all(
         lambda ids, g: speculative_generate(target, drafter, ids, max_new_tokens, gamma=gamma, sampling=sampling,
-                                            eos_token_id=eos_token_id, generator=g),
+                                            eos_token_id=eos_token_id, generator=g, tree=tree),
         prompt_ids, seed, "speculative", progress)
 
 

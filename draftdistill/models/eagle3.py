@@ -19,6 +19,10 @@ the right. The attention cache (`Eagle3Cache`) keeps the two kinds of keys apart
 That is EAGLE-3's training-time test (TTT) pattern (SpecForge, specforge/core/eagle3.py): in
 training every position t starts a chain (T = sequence length); in decoding only the last one does
 (T = 1). The same forward serves both, so a head trained with TTT drafts exactly what it learned.
+Tree decoding (spec/tree.py) generalises the one chain to a tree hanging off the last prefix
+position: `tree_step` feeds several nodes of one depth at once, each seeing the whole prefix, its
+ancestors and itself; a node at depth j sits where chain step j would, so it computes what the chain
+through its ancestors would.
 
 Which target layers: ``aux_layer_ids`` are decoder-layer indices whose OUTPUT is captured, as in
 SGLang's ``eagle_config.eagle_aux_hidden_state_layer_ids`` (models/llama.py,
@@ -114,6 +118,7 @@ class Eagle3Cache:
     k: torch.Tensor | None = None  # prefix: positions fed with target features
     v: torch.Tensor | None = None
     chain: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # steps 1.., [B, kvh, T, d]
+    tree: tuple[torch.Tensor, torch.Tensor] | None = None  # tree nodes fed so far, [1, kvh, nodes, d]
 
     @property
     def length(self) -> int:
@@ -123,10 +128,12 @@ class Eagle3Cache:
         """Keep the first `length` prefix positions; drop the chain."""
         if self.k is not None:
             self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
-        self.chain.clear()
+        self.end_chain()
 
     def end_chain(self) -> None:
+        """Drop the chain (or tree) entries: the prefix is all that outlives a round."""
         self.chain.clear()
+        self.tree = None
 
 
 # ---------------------------------------------------------------- the model
@@ -141,13 +148,17 @@ class Eagle3Attention(nn.Module):
         self.v_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: Eagle3Cache | None, step: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: Eagle3Cache | None, step: int | None,
+                tree_visible: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        out = self._prefix(q, k, v, cache) if step == 0 else self._chain(q, k, v, cache)
+        if tree_visible is not None:
+            out = self._tree(q, k, v, cache, tree_visible)
+        else:
+            out = self._prefix(q, k, v, cache) if step == 0 else self._chain(q, k, v, cache)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _expand(self, kv: torch.Tensor) -> torch.Tensor:
@@ -158,8 +169,8 @@ class Eagle3Attention(nn.Module):
         """Step 0: append to the prefix and attend causally over it."""
         past = 0 if cache is None else cache.length
         if cache is not None:
-            if cache.chain:
-                raise ValueError("step 0 after chain steps: call cache.end_chain() (or crop) first")
+            if cache.chain or cache.tree is not None:
+                raise ValueError("step 0 after chain or tree steps: call cache.end_chain() (or crop) first")
             cache.k = k if cache.k is None else torch.cat([cache.k, k], dim=2)
             cache.v = v if cache.v is None else torch.cat([cache.v, v], dim=2)
             k, v = cache.k, cache.v
@@ -188,6 +199,17 @@ class Eagle3Attention(nn.Module):
             out = out + weights[..., P + i, None] * self._expand(cv).to(dtype)
         return out.to(v.dtype)
 
+    def _tree(self, q, k, v, cache, tree_visible):
+        """Tree nodes of one depth: each query sees the whole prefix and the tree entries (earlier
+        nodes, then these) marked in tree_visible [T, tree entries after appending these]."""
+        if cache is None or cache.length == 0:
+            raise ValueError("tree steps need a cache whose prefix holds the position the tree hangs off")
+        cache.tree = (k, v) if cache.tree is None else (torch.cat([cache.tree[0], k], 2), torch.cat([cache.tree[1], v], 2))
+        keys, values = torch.cat([cache.k, cache.tree[0]], 2), torch.cat([cache.v, cache.tree[1]], 2)
+        assert tree_visible.shape == (q.shape[2], cache.tree[0].shape[2]), "one row per node, one column per tree entry"
+        mask = torch.cat([tree_visible.new_ones(q.shape[2], cache.length), tree_visible], dim=1)
+        return F.scaled_dot_product_attention(q, self._expand(keys), self._expand(values), attn_mask=mask.to(q.device))
+
 
 class Eagle3Layer(nn.Module):
     """The one decoder layer; weight names as in SGLang's/vLLM's Eagle3 layer (layers.0.*)."""
@@ -200,12 +222,12 @@ class Eagle3Layer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, embeds, hidden, cos, sin, cache, step):
+    def forward(self, embeds, hidden, cos, sin, cache, step, tree_visible=None):
         # [embedding, hidden] in this order, and the residual is the UN-normalised hidden state:
         # SGLang llama_eagle3.py LlamaDecoderLayer.forward (residual = hidden_states; cat([embeds,
         # hidden_states])), vLLM with norm_before_residual=False, SpecForge's midlayer.
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
-        h = hidden + self.self_attn(x, cos, sin, cache, step)
+        h = hidden + self.self_attn(x, cos, sin, cache, step, tree_visible)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -272,6 +294,16 @@ class Eagle3Head(nn.Module):
         h = self.layers[0](self.embed_tokens(input_ids), hidden, cos, sin, cache, step)
         kept = h if num_logits is None else h[:, -num_logits:]
         return self.lm_head(self.norm(kept)), h
+
+    def tree_step(self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: list[int],
+                  tree_visible: torch.Tensor, cache: Eagle3Cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed T tree nodes (decoding, batch 1): input_ids [1, T] their tokens, hidden [1, T, H] the h
+        of each node's parent (the state its token was drafted from), positions their positions,
+        tree_visible [T, tree entries so far + T] which tree entries each may see (its ancestors and
+        itself). Returns (draft-vocab logits [1, T, N], h [1, T, H])."""
+        cos, sin = self.rotary_emb(hidden, torch.tensor([positions], device=input_ids.device))
+        h = self.layers[0](self.embed_tokens(input_ids), hidden, cos, sin, cache, None, tree_visible)
+        return self.lm_head(self.norm(h)), h
 
     def new_cache(self) -> Eagle3Cache:
         return Eagle3Cache()

@@ -33,6 +33,7 @@ from .drafting import start_drafting
 from .kv import forward, new_cache, rollback
 from .metrics import SpecStats
 from .sampling import SamplingConfig, logits_to_probs, sample_token
+from .tree import TreeConfig
 from .verify import verify
 
 
@@ -60,12 +61,19 @@ def speculative_generate(
     sampling: SamplingConfig = SamplingConfig(),
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
+    tree: TreeConfig | None = None,
 ) -> tuple[torch.Tensor, SpecStats]:
     """Sample up to max_new_tokens from `target`, proposing with `drafter`; returns (new_tokens [n], stats).
 
     The output has exactly the target's distribution under `sampling` (identical tokens when greedy).
-    Generation stops after max_new_tokens or right after an eos token.
+    Generation stops after max_new_tokens or right after an eos token. With `tree`, each round drafts
+    an EAGLE-2 tree instead of a chain of gamma tokens (tree_decoder.py).
     """
+    if tree is not None:
+        from .tree_decoder import tree_speculative_generate
+
+        return tree_speculative_generate(target, drafter, input_ids, max_new_tokens, tree, sampling, eos_token_id,
+                                         generator)
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
     device = input_ids.device
@@ -98,6 +106,7 @@ def speculative_generate(
         # 3. Verify: keep n drafts, then one token drawn from the target (residual or bonus).
         n, next_token = verify(torch.tensor(drafts, dtype=torch.long), q, p, generator)
         stats.record_round(len(drafts), n)
+        stats.drafts_scored += len(drafts)
         emitted = drafts[:n] + [next_token]
 
         # 4. Commit, stopping right after the first eos.

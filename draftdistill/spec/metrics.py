@@ -29,7 +29,8 @@ class SpecStats:
     proposed: list[int] = field(default_factory=list)  # per draft position, see the module docstring
     accepted: list[int] = field(default_factory=list)
     target_calls: int = 0  # target forwards (one per round; one per token for the baseline)
-    drafter_calls: int = 0  # drafter forwards (one per drafted token)
+    drafter_calls: int = 0  # drafter forwards (one per drafted token; one per depth for trees)
+    drafts_scored: int = 0  # draft tokens the target scored (a round's chain or tree): its extra work
     new_tokens: int = 0  # tokens emitted
     seconds: float = 0.0  # wall time spent generating
 
@@ -76,6 +77,7 @@ class SpecStats:
             accepted=_add_lists(self.accepted, other.accepted),
             target_calls=self.target_calls + other.target_calls,
             drafter_calls=self.drafter_calls + other.drafter_calls,
+            drafts_scored=self.drafts_scored + other.drafts_scored,
             new_tokens=self.new_tokens + other.new_tokens,
             seconds=self.seconds + other.seconds,
         )
@@ -94,6 +96,7 @@ class SpecStats:
             "accepted": list(self.accepted),
             "target_calls": self.target_calls,
             "drafter_calls": self.drafter_calls,
+            "drafts_scored": self.drafts_scored,
             "new_tokens": self.new_tokens,
             "seconds": self.seconds,
             "alpha_per_position": [clean(a) for a in self.alpha_per_position],

@@ -1,0 +1,97 @@
+"""Lossless speculative decoding over EAGLE-2 draft trees (spec/tree.py) instead of chains.
+
+One round, with the caches kept as in decoder.py (the target's holds all of `seq` but its last token):
+  1. draft:  the drafting session grows a tree under the root seq[-1] (one drafter forward per depth);
+  2. score:  ONE target forward over [committed tokens it has not seen + every tree node], each node
+             at position len(seq) - 1 + depth, seeing the committed prefix and its own ancestors;
+  3. verify: recursive rejection sampling down the tree keeps a path of n nodes and draws one more
+             token from the target;
+  4. commit: the target's cache keeps the committed prefix and the path's entries (the other nodes'
+             entries are dropped); an EAGLE-3 head gets the target's states for the same positions.
+tau = new_tokens / target_calls, as for chains; stats count acceptance per depth (position i is
+proposed when the path reached depth i and the node there had children).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .drafting import start_drafting
+from .kv import forward_masked, keep_positions, new_cache
+from .metrics import SpecStats
+from .sampling import SamplingConfig, logits_to_probs
+from .tree import TreeConfig, verify_tree, visibility_rows
+
+
+@torch.inference_mode()
+def tree_speculative_generate(
+    target,
+    drafter,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    tree: TreeConfig = TreeConfig(),
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_token_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, SpecStats]:
+    """Sample up to max_new_tokens from `target`, drafting trees with `drafter`; returns (new_tokens, stats).
+
+    The output has exactly the target's distribution under `sampling` (identical tokens when greedy).
+    """
+    from .decoder import _check_input, _eos_set
+
+    device = input_ids.device
+    eos = _eos_set(eos_token_id)
+    seq = _check_input(input_ids)
+    prompt_len = len(seq)
+    target_cache = new_cache(target)
+    drafting = start_drafting(drafter, device)
+    stats = SpecStats.empty(tree.depth)
+    start = time.perf_counter()
+
+    while len(seq) - prompt_len < max_new_tokens:
+        # A round emits at most depth + 1 tokens: keep the tree within the budget.
+        depth = min(tree.depth, max_new_tokens - (len(seq) - prompt_len) - 1)
+
+        # 1. Draft a tree (only the root when the drafter cannot draft yet).
+        draft = drafting.propose_tree(seq, tree, depth, sampling, generator, eos)
+        nodes = list(range(1, len(draft)))
+
+        # 2. Score the unseen committed tokens (causally) and every node (under the tree mask) at once.
+        scored_from = target_cache.get_seq_length()
+        prefix = seq[scored_from:]
+        causal = torch.arange(len(seq) + len(nodes))[None, :] <= torch.arange(scored_from, len(seq))[:, None]
+        visible = torch.cat([causal, visibility_rows(draft, [], nodes, len(seq))])
+        positions = list(range(scored_from, len(seq))) + [len(seq) - 1 + draft.depths[n] for n in nodes]
+        logits, hidden = forward_masked(target, target_cache, prefix + [draft.tokens[n] for n in nodes], positions,
+                                        visible, device, len(draft), drafting.target_hidden_indices)
+        p = logits_to_probs(logits, sampling)  # row 0: after the root; row n: after node n
+        stats.target_calls += 1
+        if any(q.shape[-1] != p.shape[-1] for q in draft.draft_probs.values()):
+            raise ValueError(f"drafter vocab != target vocab {p.shape[-1]}")
+
+        # 3. Verify: a path of accepted nodes, then one token from the target.
+        path, next_token = verify_tree(draft, p, generator)
+        stats.record_round(len(path) + bool(draft.children(path[-1] if path else 0)), len(path))
+        stats.drafts_scored += draft.num_drafts
+        emitted = [draft.tokens[n] for n in path] + [next_token]
+
+        # 4. Commit, stopping right after the first eos.
+        hit_eos = next((i for i, t in enumerate(emitted) if t in eos), None)
+        if hit_eos is not None:
+            emitted = emitted[: hit_eos + 1]
+        committed_before = len(seq)
+        seq += emitted
+        stats.new_tokens += len(emitted)
+        if hit_eos is not None:
+            break
+        path_rows = [len(prefix) + n - 1 for n in path]  # node n was fed right after the prefix, in node order
+        keep_positions(target_cache, list(range(committed_before)) + [scored_from + r for r in path_rows])
+        if hidden is not None:
+            hidden = torch.cat([hidden[: len(prefix)], hidden[path_rows]])
+        drafting.commit(seq, hidden, scored_from)
+
+    stats.drafter_calls = drafting.calls
+    stats.seconds = time.perf_counter() - start
+    return torch.tensor(seq[prompt_len:], dtype=torch.long, device=device), stats
