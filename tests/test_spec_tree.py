@@ -10,6 +10,8 @@
   (the chi-square helpers of test_spec.py) for a random LM drafter, the target itself and a head
   over a reduced draft vocabulary; counters add up.
 """
+import types
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -20,7 +22,7 @@ import draftdistill.spec.tree as tree_module
 from draftdistill.models.draft_vocab import DraftVocab
 from draftdistill.models.eagle3 import build_eagle3_head, target_aux_hidden_states
 from draftdistill.spec import SamplingConfig, SpecStats, TreeConfig, speculative_generate
-from draftdistill.spec.kv import forward_masked, new_cache
+from draftdistill.spec.kv import check_tree_capable, forward_masked, new_cache
 from draftdistill.spec.tree import DraftTree, grow_tree, verify_tree, visibility_rows
 
 PROMPT = torch.tensor([[3, 5, 7, 11]])
@@ -168,12 +170,21 @@ def test_greedy_equals_target_greedy_lm_drafter(lm_setup, drafter_name, cfg):
         assert stats.alpha == 1.0
 
 
-def test_a_drafter_without_masks_is_refused_clearly(lm_setup):
+def test_models_that_cannot_take_a_tree_mask_are_refused_before_any_forward(lm_setup):
     from test_spec import Adversarial  # its forward takes input_ids, past_key_values and use_cache only
 
     target, _, _ = lm_setup
     with pytest.raises(ValueError, match="attention_mask and position_ids"):
         speculative_generate(target, Adversarial(target), PROMPT, 8, tree=TREES[1])
+
+    class FlashAttentionLM(torch.nn.Module):  # reads a 4D mask as a padding mask: the tree would be ignored
+        config = types.SimpleNamespace(_attn_implementation="flash_attention_2")
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
+            raise AssertionError("refused before any forward")
+
+    with pytest.raises(ValueError, match="eager or sdpa"):
+        check_tree_capable(FlashAttentionLM(), new_cache(target))
 
 
 def test_greedy_stops_right_after_eos(lm_setup):
@@ -209,8 +220,8 @@ def test_greedy_equals_target_greedy_eagle3(eagle3_setup, head_name, cfg):
 
 
 def test_a_tree_accepts_more_than_its_own_top_chain(eagle3_setup):
-    """The tree's first path is the chain greedy drafting would propose, so a tree never accepts less
-    per round; on the trained head it accepts more."""
+    """On the trained head, a tree of the chain's depth with 4 children per node keeps more tokens per
+    target forward than the chain."""
     target, heads, _ = eagle3_setup
     _, chain = speculative_generate(target, heads["trained"], PROMPT, 60, gamma=3)
     _, tree = speculative_generate(target, heads["trained"], PROMPT, 60, tree=TreeConfig(depth=3, top_k=4, max_nodes=30))

@@ -53,15 +53,13 @@ def forward_masked(model, cache: DynamicCache, tokens: list[int], positions: lis
                    device, num_logits: int, hidden_indices: list[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Like `forward`, but token i sits at position positions[i] and attends exactly to the cache
     entries where visible[i] is True: visible is [len(tokens), cache length + len(tokens)], over what
-    the cache holds followed by the new tokens. Needs an HF model (attention_mask and position_ids)."""
-    if not (_takes(type(model), "attention_mask") and _takes(type(model), "position_ids")):
-        raise ValueError(f"tree decoding needs a drafter that takes attention_mask and position_ids (an HF causal "
-                         f"LM or an EAGLE-3 head); {type(model).__name__} does not")
+    the cache holds followed by the new tokens. The mask is dense: feed a long prompt with `forward`."""
+    check_tree_capable(model, cache)
     past = cache.get_seq_length()
     assert visible.shape == (len(tokens), past + len(tokens)), "one mask row per token, one column per cache entry"
     dtype = next(model.parameters()).dtype
-    # An additive float mask works for every attention implementation (eager adds it, SDPA too);
-    # transformers passes a 4D mask through as it is.
+    # An additive float mask, which eager and SDPA attention both add to the scores; transformers
+    # passes a 4D mask through as it is.
     mask = torch.zeros(visible.shape, dtype=dtype, device=device)
     mask.masked_fill_(~visible.to(device), torch.finfo(dtype).min)
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
@@ -74,13 +72,30 @@ def forward_masked(model, cache: DynamicCache, tokens: list[int], positions: lis
     return out.logits[0, -num_logits:], hidden
 
 
-def keep_positions(cache: DynamicCache, keep: list[int]) -> None:
-    """Keep only the cached entries at indices `keep` (ascending), in that order: after a tree round,
-    the committed prefix followed by the accepted path's nodes."""
+def check_tree_capable(model, cache: DynamicCache) -> None:
+    """Refuse, before any forward, what would silently ignore or misread a tree mask."""
+    name = type(model).__name__
+    if not (_takes(type(model), "attention_mask") and _takes(type(model), "position_ids")):
+        raise ValueError(f"tree decoding needs models that take attention_mask and position_ids (HF causal LMs, "
+                         f"EAGLE-3 heads); {name} does not")
+    # flash-attention kernels read a 4D mask as a padding mask: the tree would be ignored, not refused.
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attention not in (None, "eager", "sdpa"):
+        raise ValueError(f"tree decoding needs eager or sdpa attention; {name} uses {attention}")
+    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        raise ValueError(f"tree decoding needs full attention; {name} has sliding-window layers")
+
+
+def keep_path(cache: DynamicCache, committed: int, path_entries: list[int]) -> None:
+    """After a tree round: keep the first `committed` entries, then the accepted path's entries (at
+    ascending indices `path_entries`, all >= committed) right after them; drop the rest. Copies only
+    the path, so a round costs no copy of the context."""
     for layer in cache.layers:
-        if getattr(layer, "is_sliding", False):
-            raise ValueError("tree decoding needs a full-attention KV cache (this model has sliding-window layers)")
-        if getattr(layer, "is_initialized", True) and layer.keys is not None and layer.keys.numel():
-            index = torch.tensor(keep, dtype=torch.long, device=layer.keys.device)
-            layer.keys = layer.keys.index_select(-2, index)
-            layer.values = layer.values.index_select(-2, index)
+        if not getattr(layer, "is_initialized", True) or layer.keys is None or not layer.keys.numel():
+            continue
+        if path_entries:
+            index = torch.tensor(path_entries, dtype=torch.long, device=layer.keys.device)
+            # path_entries[i] >= committed + i: the gathered copy is read before any slot it overwrites
+            layer.keys[..., committed: committed + len(path_entries), :] = layer.keys.index_select(-2, index)
+            layer.values[..., committed: committed + len(path_entries), :] = layer.values.index_select(-2, index)
+    rollback(cache, committed + len(path_entries))

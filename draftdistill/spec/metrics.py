@@ -5,7 +5,9 @@ Per draft position i (0-based), summed over rounds:
                accepted (a draft behind a rejection is never looked at, so it is not counted here)
   accepted[i]  drafts at position i that were accepted
 so alpha_per_position[i] = accepted[i] / proposed[i] is P(accept position i | reached it), and the
-overall alpha = sum(accepted) / sum(proposed) estimates 1 - TVD(p, q) averaged over the text.
+overall alpha = sum(accepted) / sum(proposed) estimates 1 - TVD(p, q) averaged over the text (for
+chains; with draft trees, position i is depth i + 1: proposed when the accepted path reached a
+node at depth i that has children, accepted when one of them is accepted).
 Drafts thrown away behind a rejection still cost a drafter forward: drafter_calls - sum(proposed).
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ def _add_lists(a: list[int], b: list[int]) -> list[int]:
 class SpecStats:
     proposed: list[int] = field(default_factory=list)  # per draft position, see the module docstring
     accepted: list[int] = field(default_factory=list)
-    target_calls: int = 0  # target forwards (one per round; one per token for the baseline)
+    target_calls: int = 0  # target forwards, one per round (the tree decoder feeds the prompt in a causal
+    #                        forward of its own first); one per token for the baseline
     drafter_calls: int = 0  # drafter forwards (one per drafted token; one per depth for trees)
     drafts_scored: int = 0  # draft tokens the target scored (a round's chain or tree): its extra work
     new_tokens: int = 0  # tokens emitted

@@ -77,13 +77,14 @@ class DraftTree:
     def add_children(self, node: int, q: torch.Tensor, tokens: list[int]) -> list[int]:
         """Attach `tokens` (drafted from q, in draw order) under `node`; returns their node ids."""
         self.draft_probs[node] = q
+        log_q = q[tokens].log().tolist()  # one read for all of them (one device sync on a GPU)
         ids = []
-        for token in tokens:
+        for token, log_p in zip(tokens, log_q):
             ids.append(len(self.tokens))
             self.tokens.append(token)
             self.parents.append(node)
             self.depths.append(self.depths[node] + 1)
-            self.log_scores.append(self.log_scores[node] + float(torch.log(q[token])))
+            self.log_scores.append(self.log_scores[node] + log_p)
         return ids
 
     def path_to(self, node: int) -> list[int]:
@@ -174,6 +175,7 @@ def grow_tree(root_token: int, root_logits: torch.Tensor, expand: Callable[[Draf
     if depth < 1:
         return tree
     greedy, k = sampling.greedy, cfg.top_k
+    depth = min(depth, cfg.max_nodes)  # no kept path is longer than the budget: do not draft deeper
     first = k if greedy else min(k, cfg.max_nodes)  # sampling: never draw more than the budget
     q = draft_distribution(root_logits, sampling)
     tree.add_children(0, q, pick_children(q, first, greedy, generator))

@@ -2,8 +2,9 @@
 
 One round, with the caches kept as in decoder.py (the target's holds all of `seq` but its last token):
   1. draft:  the drafting session grows a tree under the root seq[-1] (one drafter forward per depth);
-  2. score:  ONE target forward over [committed tokens it has not seen + every tree node], each node
-             at position len(seq) - 1 + depth, seeing the committed prefix and its own ancestors;
+  2. score:  ONE target forward over the root and every tree node, each node at position
+             len(seq) - 1 + depth, seeing the committed prefix and its own ancestors (the first round
+             feeds the prompt before the root through a plain causal forward);
   3. verify: recursive rejection sampling down the tree keeps a path of n nodes and draws one more
              token from the target;
   4. commit: the target's cache keeps the committed prefix and the path's entries (the other nodes'
@@ -18,7 +19,7 @@ import time
 import torch
 
 from .drafting import start_drafting
-from .kv import forward_masked, keep_positions, new_cache
+from .kv import forward, forward_masked, keep_path, new_cache
 from .metrics import SpecStats
 from .sampling import SamplingConfig, logits_to_probs
 from .tree import TreeConfig, verify_tree, visibility_rows
@@ -58,14 +59,20 @@ def tree_speculative_generate(
         draft = drafting.propose_tree(seq, tree, depth, sampling, generator, eos)
         nodes = list(range(1, len(draft)))
 
-        # 2. Score the unseen committed tokens (causally) and every node (under the tree mask) at once.
+        # 2. Score the root and every node under the tree mask. Committed tokens before the root are
+        #    only there in the first round (the prompt): they go through the plain causal forward first,
+        #    as a dense mask over a long prompt would be quadratic in memory. One round, one verify.
         scored_from = target_cache.get_seq_length()
-        prefix = seq[scored_from:]
-        causal = torch.arange(len(seq) + len(nodes))[None, :] <= torch.arange(scored_from, len(seq))[:, None]
-        visible = torch.cat([causal, visibility_rows(draft, [], nodes, len(seq))])
-        positions = list(range(scored_from, len(seq))) + [len(seq) - 1 + draft.depths[n] for n in nodes]
-        logits, hidden = forward_masked(target, target_cache, prefix + [draft.tokens[n] for n in nodes], positions,
+        prefix_hidden = None
+        if len(seq) - scored_from > 1:
+            prefix_hidden = forward(target, target_cache, seq[scored_from:-1], device, 1, drafting.target_hidden_indices)[1]
+        root_row = torch.cat([torch.ones(1, len(seq), dtype=torch.bool), torch.zeros(1, len(nodes), dtype=torch.bool)], 1)
+        visible = torch.cat([root_row, visibility_rows(draft, [], nodes, len(seq))])  # the root is seq[-1]
+        positions = [len(seq) - 1 + draft.depths[n] for n in [0] + nodes]
+        logits, hidden = forward_masked(target, target_cache, [seq[-1]] + [draft.tokens[n] for n in nodes], positions,
                                         visible, device, len(draft), drafting.target_hidden_indices)
+        if prefix_hidden is not None:
+            hidden = torch.cat([prefix_hidden, hidden])
         p = logits_to_probs(logits, sampling)  # row 0: after the root; row n: after node n
         stats.target_calls += 1
         if any(q.shape[-1] != p.shape[-1] for q in draft.draft_probs.values()):
@@ -86,10 +93,11 @@ def tree_speculative_generate(
         stats.new_tokens += len(emitted)
         if hit_eos is not None:
             break
-        path_rows = [len(prefix) + n - 1 for n in path]  # node n was fed right after the prefix, in node order
-        keep_positions(target_cache, list(range(committed_before)) + [scored_from + r for r in path_rows])
+        # Node n's entry sits n places after the root's (committed_before - 1), and so does its hidden row.
+        keep_path(target_cache, committed_before, [committed_before - 1 + n for n in path])
         if hidden is not None:
-            hidden = torch.cat([hidden[: len(prefix)], hidden[path_rows]])
+            root_row = committed_before - 1 - scored_from
+            hidden = torch.cat([hidden[: root_row + 1], hidden[[root_row + n for n in path]]])
         drafting.commit(seq, hidden, scored_from)
 
     stats.drafter_calls = drafting.calls
