@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from draftdistill.spec.options import tree_config, tree_options
+from draftdistill.decoding_options import tree_config, tree_options
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
 USER_ERRORS = (FileNotFoundError, ValueError, TypeError)  # PromptFileError, TokenizerMismatchError are ValueErrors
@@ -86,8 +86,6 @@ prompts_option = click.option("--prompts", default="gsm8k:heldout", show_default
 num_prompts_option = click.option("--num-prompts", default=20, show_default=True, help="Use the first N prompts.")
 max_new_option = click.option("--max-new-tokens", default=64, show_default=True, help="Tokens generated per prompt.")
 gamma_option = click.option("--gamma", default=4, show_default=True, help="Draft tokens proposed per target forward.")
-
-
 seed_option = click.option("--seed", default=0, show_default=True, help="Sampling seed (prompt i uses seed + i).")
 device_option = click.option("--device", default=None, help="cpu or cuda[:N]; default: cuda if available, else cpu.")
 

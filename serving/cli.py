@@ -5,7 +5,7 @@ import threading
 
 import click
 
-from draftdistill.spec.options import tree_config, tree_options
+from draftdistill.decoding_options import tree_config, tree_options
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
 

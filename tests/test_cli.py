@@ -58,6 +58,21 @@ def test_eval_with_a_draft_tree(tmp_path):
     assert report["speculative"]["alpha_per_position"] == [1.0, 1.0] and report["speculative"]["tau"] == 3.0
 
 
+def test_tree_option_defaults_are_tree_configs():
+    from draftdistill.spec import TreeConfig
+
+    defaults = {param.name: param.default for param in main.commands["eval"].params}
+    assert (defaults["tree_top_k"], defaults["tree_max_nodes"]) == (TreeConfig.top_k, TreeConfig.max_nodes)
+
+
+def test_building_the_cli_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, draftdistill.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 def test_malformed_prompt_file_is_a_clear_error(tmp_path):
     target = save_model_dir(tmp_path / "target")
     bad = tmp_path / "bad.jsonl"

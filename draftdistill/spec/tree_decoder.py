@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from .drafting import start_drafting
-from .kv import forward, forward_masked, keep_path, new_cache
+from .drafting import LMDrafting, start_drafting
+from .kv import check_tree_capable, forward, forward_masked, keep_path, new_cache
 from .metrics import SpecStats
 from .sampling import SamplingConfig, logits_to_probs
 from .tree import TreeConfig, verify_tree, visibility_rows
@@ -48,6 +48,9 @@ def tree_speculative_generate(
     prompt_len = len(seq)
     target_cache = new_cache(target)
     drafting = start_drafting(drafter, device)
+    check_tree_capable(target, target_cache)  # before any compute, not at the first masked forward
+    if isinstance(drafting, LMDrafting):
+        check_tree_capable(drafter, drafting.cache)
     stats = SpecStats.empty(tree.depth)
     start = time.perf_counter()
 
@@ -66,8 +69,8 @@ def tree_speculative_generate(
         prefix_hidden = None
         if len(seq) - scored_from > 1:
             prefix_hidden = forward(target, target_cache, seq[scored_from:-1], device, 1, drafting.target_hidden_indices)[1]
-        root_row = torch.cat([torch.ones(1, len(seq), dtype=torch.bool), torch.zeros(1, len(nodes), dtype=torch.bool)], 1)
-        visible = torch.cat([root_row, visibility_rows(draft, [], nodes, len(seq))])  # the root is seq[-1]
+        root_sees = torch.cat([torch.ones(1, len(seq), dtype=torch.bool), torch.zeros(1, len(nodes), dtype=torch.bool)], 1)
+        visible = torch.cat([root_sees, visibility_rows(draft, [], nodes, len(seq))])  # the root is seq[-1]
         positions = [len(seq) - 1 + draft.depths[n] for n in [0] + nodes]
         logits, hidden = forward_masked(target, target_cache, [seq[-1]] + [draft.tokens[n] for n in nodes], positions,
                                         visible, device, len(draft), drafting.target_hidden_indices)
