@@ -44,8 +44,8 @@ def test_tree_bookkeeping():
     tree = fixed_tree()
     assert tree.parents == [-1, 0, 0, 1, 1, 2, 3] and tree.depths == [0, 1, 1, 2, 2, 2, 3]
     assert tree.path_to(6) == [1, 3, 6] and tree.children(1) == [3, 4]
-    seen = tree.visibility()
-    assert seen[6].nonzero().flatten().tolist() == [0, 1, 3, 6]
+    # node f, fed after the root (the committed prefix, 1 entry) and nodes 1..5: sees root, a, c, itself
+    assert visibility_rows(tree, [1, 2, 3, 4, 5], [6], 1).nonzero()[:, 1].tolist() == [0, 1, 3, 6]
     # feeding nodes 3, 4 to a cache that holds 2 committed entries then nodes 1, 2
     rows = visibility_rows(tree, [1, 2], [3, 4], 2)
     assert rows.int().tolist() == [[1, 1, 1, 0, 1, 0], [1, 1, 1, 0, 0, 1]]
@@ -219,7 +219,7 @@ def test_greedy_equals_target_greedy_eagle3(eagle3_setup, head_name, cfg):
         assert stats.accepted[0] > 0 and stats.accepted[1] > 0
 
 
-def test_a_tree_accepts_more_than_its_own_top_chain(eagle3_setup):
+def test_a_tree_keeps_more_tokens_per_forward_than_a_chain_on_a_trained_head(eagle3_setup):
     """On the trained head, a tree of the chain's depth with 4 children per node keeps more tokens per
     target forward than the chain."""
     target, heads, _ = eagle3_setup
@@ -230,12 +230,12 @@ def test_a_tree_accepts_more_than_its_own_top_chain(eagle3_setup):
 
 # ---------------------------------------------------------------- the decoder, sampled
 
-def tree_sample_counts(target, drafter, sampling, cfg, n, length=3, seed=1234):
+def tree_sample_counts(target, drafter, sampling, cfg, n, length=3, seed=1234, eos=None):
     generator = torch.Generator().manual_seed(seed)
     counts, total = {}, SpecStats()
     for _ in range(n):
         tokens, stats = speculative_generate(target, drafter, torch.tensor([[0, 2]]), length, sampling=sampling,
-                                             generator=generator, tree=cfg)
+                                             generator=generator, tree=cfg, eos_token_id=eos)
         counts[tuple(tokens.tolist())] = counts.get(tuple(tokens.tolist()), 0) + 1
         total = total.merge(stats)
     return counts, total
@@ -252,18 +252,19 @@ def dist_setup():
     }
 
 
-@pytest.mark.parametrize("drafter_name, sampling, cfg", [
-    ("random", T1, TreeConfig(depth=2, top_k=2, max_nodes=6)),
-    ("random", T07_P08, TreeConfig(depth=2, top_k=3, max_nodes=5)),  # budget: the second level is partial
-    ("self", T1, TreeConfig(depth=2, top_k=2, max_nodes=4)),
-    ("head_reduced", T1, TreeConfig(depth=2, top_k=2, max_nodes=6)),  # q = 0 on tokens 1 and 4
+@pytest.mark.parametrize("drafter_name, sampling, cfg, eos", [
+    ("random", T1, TreeConfig(depth=2, top_k=2, max_nodes=6), None),
+    ("random", T07_P08, TreeConfig(depth=2, top_k=3, max_nodes=5), None),  # budget: the second level is partial
+    ("self", T1, TreeConfig(depth=2, top_k=2, max_nodes=4), None),
+    ("head_reduced", T1, TreeConfig(depth=2, top_k=2, max_nodes=6), None),  # q = 0 on tokens 1 and 4
+    ("random", T1, TreeConfig(depth=2, top_k=3, max_nodes=12), [1]),  # eos ends sequences; eos nodes get no children
 ])
-def test_sampled_output_follows_target_distribution(dist_setup, drafter_name, sampling, cfg):
+def test_sampled_output_follows_target_distribution(dist_setup, drafter_name, sampling, cfg, eos):
     target, drafter = dist_setup[drafter_name]
     n = 3000
-    exact = exact_distribution(target, [0, 2], 3, sampling)
-    counts, stats = tree_sample_counts(target, drafter, sampling, cfg, n)
-    assert sum(counts.values()) == n and stats.new_tokens == 3 * n
+    exact = exact_distribution(target, [0, 2], 3, sampling, eos=eos or ())
+    counts, stats = tree_sample_counts(target, drafter, sampling, cfg, n, eos=eos)
+    assert sum(counts.values()) == n and stats.new_tokens == sum(len(s) * c for s, c in counts.items())
     assert chi_square_pvalue(counts, exact, n) > 1e-3
     assert 0.05 < stats.alpha < 1.0 or drafter_name == "self", stats  # accept and reject paths both ran
     if drafter_name == "self":

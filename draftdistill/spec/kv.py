@@ -1,7 +1,7 @@
 """Incremental forwards with a transformers KV cache: feed tokens after what the cache holds, and
 crop the cache back after a rejection. Shared by the target and causal-LM drafters. Tree decoding
 feeds tokens under an explicit attention mask and positions (`forward_masked`), then keeps only the
-accepted path's entries (`keep_positions`)."""
+accepted path's entries (`keep_path`)."""
 from __future__ import annotations
 
 import functools

@@ -95,16 +95,6 @@ class DraftTree:
             node = self.parents[node]
         return path[::-1]
 
-    def visibility(self) -> torch.Tensor:
-        """[n, n] bool: entry (i, j) is True iff node j is node i or one of its ancestors."""
-        n = len(self.tokens)
-        seen = torch.zeros(n, n, dtype=torch.bool)
-        for i in range(n):
-            if self.parents[i] >= 0:
-                seen[i] = seen[self.parents[i]]
-            seen[i, i] = True
-        return seen
-
     def keep(self, nodes: list[int]) -> "DraftTree":
         """The subtree of `nodes` (must hold the root and every kept node's parent), renumbered in order."""
         nodes = sorted(set(nodes))
