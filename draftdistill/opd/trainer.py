@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,7 +30,7 @@ from draftdistill.models import default_device, load_drafter, load_model, load_t
 from draftdistill.models.loading import resolve_model_source
 from draftdistill.train import distributed
 from draftdistill.train.batching import pack, response_logits
-from draftdistill.train.checkpoint import export_hf, load_checkpoint, save_checkpoint
+from draftdistill.train.checkpoint import export_hf, load_checkpoint, save_checkpoint, write_atomically
 from draftdistill.train.drafter_opd import batch_indices, lr_lambda
 from draftdistill.train.metrics import MetricsLog
 
@@ -242,10 +241,9 @@ def save_ema(out: Path, ema, step: int) -> None:
     weights = distributed.full_state_dict(ema)
     if not distributed.is_main():
         return
-    tmp = out / f".ema-{step}.tmp"
-    save_file({k: v.contiguous() for k, v in weights.items()
-               if k != "lm_head.weight" or not ema.config.tie_word_embeddings}, tmp)
-    os.replace(tmp, out / f"ema-{step}.safetensors")
+    tensors = {k: v.contiguous() for k, v in weights.items()
+               if k != "lm_head.weight" or not ema.config.tie_word_embeddings}
+    write_atomically(out / f"ema-{step}.safetensors", lambda tmp: save_file(tensors, tmp))
 
 
 def drop_old_ema(out: Path, keep_step: int) -> None:

@@ -91,6 +91,20 @@ def atomic_directory(directory: str | Path):
         raise
 
 
+def write_atomically(path: str | Path, write) -> None:
+    """write(tmp) into a temporary sibling of `path`, then rename it to `path`: readers never see
+    half a file, and a failed write leaves nothing behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def swap_into_place(tmp: Path, directory: Path) -> None:
     old = directory.with_name(directory.name + ".old")
     if directory.exists():

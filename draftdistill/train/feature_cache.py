@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .checkpoint import write_atomically
 
 
 class FeatureCache:
@@ -36,7 +36,7 @@ class FeatureCache:
         self.identity = json.loads(json.dumps(identity))  # as it reads back from meta.json
         meta = self.directory / "meta.json"
         if not meta.is_file():
-            _write_atomically(meta, lambda tmp: Path(tmp).write_text(json.dumps(self.identity, indent=1)))
+            write_atomically(meta, lambda tmp: Path(tmp).write_text(json.dumps(self.identity, indent=1)))
         stored = json.loads(meta.read_text())
         if stored != self.identity:
             raise ValueError(f"feature cache {self.directory} holds features of {stored}, this run needs "
@@ -68,7 +68,7 @@ class FeatureCache:
         path.parent.mkdir(exist_ok=True)
         tensors = {"ids": torch.tensor(ids, dtype=torch.long), "aux": aux.detach().contiguous().cpu(),
                    "final": final.detach().contiguous().cpu()}
-        _write_atomically(path, lambda tmp: save_file(tensors, tmp))  # two ranks storing a row write the same bytes
+        write_atomically(path, lambda tmp: save_file(tensors, tmp))  # two ranks storing a row write the same bytes
 
     def context(self, target, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(aux [B, L, A * H], the target's logits [B, L, V]) of a right-padded batch whose rows are all
@@ -107,15 +107,3 @@ def _pad(rows: list[torch.Tensor], length: int) -> torch.Tensor:
     for i, row in enumerate(rows):
         out[i, : row.shape[0]] = row
     return out
-
-
-def _write_atomically(path: Path, write) -> None:
-    """write(tmp) into a temporary sibling, then rename it to `path`: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
