@@ -45,6 +45,12 @@ def _eos_set(eos_token_id: int | list[int] | None) -> set[int]:
     return {int(t) for t in eos_token_id}
 
 
+def cut_at_eos(emitted: list[int], eos: set[int]) -> tuple[list[int], bool]:
+    """The round's tokens up to and including the first eos, and whether there was one."""
+    hit = next((i for i, t in enumerate(emitted) if t in eos), None)
+    return (emitted, False) if hit is None else (emitted[: hit + 1], True)
+
+
 def _check_input(input_ids: torch.Tensor) -> list[int]:
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [1, P] with P >= 1, got {tuple(input_ids.shape)}")
@@ -110,12 +116,10 @@ def speculative_generate(
         emitted = drafts[:n] + [next_token]
 
         # 4. Commit, stopping right after the first eos.
-        hit_eos = next((i for i, t in enumerate(emitted) if t in eos), None)
-        if hit_eos is not None:
-            emitted = emitted[: hit_eos + 1]
+        emitted, hit_eos = cut_at_eos(emitted, eos)
         seq += emitted
         stats.new_tokens += len(emitted)
-        if hit_eos is not None:
+        if hit_eos:
             break
         rollback(target_cache, len(seq) - 1)
         drafting.commit(seq, hidden, scored_from)

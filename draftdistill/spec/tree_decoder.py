@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from .decoder import _check_input, _eos_set, cut_at_eos
 from .drafting import LMDrafting, start_drafting
 from .kv import check_tree_capable, forward, forward_masked, keep_path, new_cache
 from .metrics import SpecStats
@@ -40,8 +41,6 @@ def tree_speculative_generate(
 
     The output has exactly the target's distribution under `sampling` (identical tokens when greedy).
     """
-    from .decoder import _check_input, _eos_set
-
     device = input_ids.device
     eos = _eos_set(eos_token_id)
     seq = _check_input(input_ids)
@@ -88,13 +87,11 @@ def tree_speculative_generate(
         emitted = [draft.tokens[n] for n in path] + [next_token]
 
         # 4. Commit, stopping right after the first eos.
-        hit_eos = next((i for i, t in enumerate(emitted) if t in eos), None)
-        if hit_eos is not None:
-            emitted = emitted[: hit_eos + 1]
+        emitted, hit_eos = cut_at_eos(emitted, eos)
         committed_before = len(seq)
         seq += emitted
         stats.new_tokens += len(emitted)
-        if hit_eos is not None:
+        if hit_eos:
             break
         # Node n's entry sits n places after the root's (committed_before - 1), and so does its hidden row.
         keep_path(target_cache, committed_before, [committed_before - 1 + n for n in path])
