@@ -61,7 +61,10 @@ def parse_args(argv):
     ap.add_argument("--feature-cache", default="", help="also time data-chain steps that read the target features "
                                                        "from this directory (emptied first)")
     ap.add_argument("--out", default="")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.feature_cache and args.chain != "data":  # before any model is built
+        ap.error("--feature-cache times data chains only")
+    return args
 
 
 def random_target(shape: str, dtype, device) -> LlamaForCausalLM:
@@ -151,8 +154,6 @@ def main(argv=None):
     peak_memory = peak_memory_gib()
     offline = None
     if args.feature_cache:
-        if args.chain != "data":
-            raise SystemExit("--feature-cache times data chains only")
         directory = Path(args.feature_cache)
         shutil.rmtree(directory, ignore_errors=True)
         features = FeatureCache(directory, cache_identity(args.shape, target, head.aux_layer_ids))
