@@ -179,24 +179,28 @@ def eagle3_config(data, out, chain, **kw) -> DrafterOPDConfig:
     return DrafterOPDConfig(**base)
 
 
+MIXED = {"mixed": dict(ttt_reach_weights=True, ttt_chain_tokens=1)}
+
+
 @pytest.fixture(scope="module")
 def eagle3_reference(data):
-    """One process, batch 4, per chain kind."""
+    """One process, batch 4, per chain kind (mixed: with reach weights and 1 scored draft per chain)."""
     runs = {}
-    for chain in ("sampled", "data"):
-        cfg = eagle3_config(data, f"eagle3-1proc-{chain}", chain)
+    for chain in ("sampled", "data", "mixed"):
+        cfg = eagle3_config(data, f"eagle3-1proc-{chain}", chain, **MIXED.get(chain, {}))
         train_drafter(cfg, progress=False)
         runs[chain] = Path(cfg.out_dir)
     return runs
 
 
-@pytest.mark.parametrize("chain,teacher_parallel", [("sampled", "replicate"), ("data", "shard")],
-                         ids=["sampled-replicated-target", "data-sharded-target"])
+@pytest.mark.parametrize("chain,teacher_parallel", [("sampled", "replicate"), ("data", "shard"), ("mixed", "shard")],
+                         ids=["sampled-replicated-target", "data-sharded-target", "mixed-sharded-target"])
 def test_eagle3_two_ranks_train_like_one_process(data, eagle3_reference, chain, teacher_parallel):
     """The head is kept whole on every rank (gradients summed over ranks): the 2-rank run's losses,
     simulated acceptance and weights are the one-process run's, and its checkpoint is the
     one-process safetensors format, written by rank 0."""
-    cfg = eagle3_config(data, f"eagle3-2rank-{chain}", chain, batch_size=2, teacher_parallel=teacher_parallel)
+    cfg = eagle3_config(data, f"eagle3-2rank-{chain}", chain, batch_size=2, teacher_parallel=teacher_parallel,
+                        **MIXED.get(chain, {}))
     run_ranks("drafter", cfg)
     out, reference = Path(cfg.out_dir), eagle3_reference[chain]
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -205,6 +209,7 @@ def test_eagle3_two_ranks_train_like_one_process(data, eagle3_reference, chain, 
     assert len(steps) == 4 and [r["loss"] for r in steps] == pytest.approx(losses(reference), rel=1e-4, abs=1e-6)
     for got, ref in zip(steps, [r for r in want if "loss" in r]):
         assert got["scored_positions"] == ref["scored_positions"] and got["target_tokens"] == ref["target_tokens"]
+        assert got["target_chain_tokens"] == ref["target_chain_tokens"]
         assert got["sim_alpha_per_position"] == pytest.approx(ref["sim_alpha_per_position"], abs=1e-5)
     assert [r["step"] for r in rows if "eval_tau" in r] == [0, 4]  # rank 0 alone writes
     assert not is_sharded_checkpoint(out / "checkpoint")

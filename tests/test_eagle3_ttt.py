@@ -58,30 +58,80 @@ def decoder_view(target, head, prefix: list[int], chain: list[int]):
     return logits[0, -1], teacher
 
 
-@pytest.mark.parametrize("chain", ["data", "sampled"])
-def test_every_scored_row_is_what_the_decoder_computes(models, chain):
+@pytest.mark.parametrize("chain,chain_tokens", [("data", 0), ("sampled", 0), ("sampled", 1), ("mixed", 0),
+                                                ("mixed", 1)])
+def test_every_scored_row_is_what_the_decoder_computes(models, chain, chain_tokens):
     target, head = models
     batch = pack_right(PROMPTS, RESPONSES, pad_id=0)
     generators = [torch.Generator().manual_seed(i) for i in range(3)]
-    plan = plan_ttt(batch, 3, chain, anchors_per_row=3, generators=generators)
+    plan = plan_ttt(batch, 3, chain, anchors_per_row=3, generators=generators, chain_tokens=chain_tokens)
     with torch.no_grad():
         steps, target_tokens = ttt_forward(head, target, batch, plan, temperature=1.0, generators=generators)
     eaten = {}  # (row, t) -> the chain tokens fed so far
     for j, rows in enumerate(steps):
-        assert len(rows.student) == plan.counts()[j] > 0
+        assert len(rows.student) == plan.counts()[j]
+        assert rows.weights is None
         for m, (b, t) in enumerate(rows.where.tolist()):
             if j > 0:
                 eaten[b, t] = eaten.get((b, t), []) + [int(rows.tokens[m])]
             row = batch.ids[b, : int(batch.lengths[b])].tolist()
-            if chain == "data":
+            if not bool(plan.sampled[b, t]):
                 assert eaten.get((b, t), []) == row[t + 2: t + 2 + j]  # teacher-forced: the context's own
             elif j > 0:
                 assert bool(head.vocab.contains(torch.tensor(eaten[b, t])).all())  # drafts from the draft vocab
             student, teacher = decoder_view(target, head, row[: t + 2], eaten.get((b, t), []))
             torch.testing.assert_close(rows.student[m], student, rtol=1e-9, atol=1e-9)
             torch.testing.assert_close(rows.teacher[m], teacher, rtol=1e-9, atol=1e-9)
-    extra = 0 if chain == "data" else sum(plan.counts()[0:1]) * 2
-    assert target_tokens == int(batch.lengths.sum()) + extra
+    assert (plan.counts()[2] > 0) == (chain != "sampled" or chain_tokens != 1)
+    assert target_tokens == int(batch.lengths.sum()) + int(plan.sampled.sum()) * plan.chain_tokens
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_reach_weights_are_the_chance_a_decoder_accepts_the_earlier_drafts(models, temperature):
+    target, head = models
+    batch = pack_right(PROMPTS, RESPONSES, pad_id=0)
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    plan = plan_ttt(batch, 4, "mixed", anchors_per_row=2, generators=generators)
+    with torch.no_grad():
+        steps, _ = ttt_forward(head, target, batch, plan, temperature=temperature, generators=generators,
+                               reach_weights=True)
+    assert steps[0].weights is None  # step 0 follows no draft
+    chains = {}  # (row, t) -> the sampled chain so far
+    for j, rows in enumerate(steps[1:], start=1):
+        for m, (b, t) in enumerate(rows.where.tolist()):
+            if not bool(plan.sampled[b, t]):
+                assert rows.weights[m] == 1  # teacher-forced rows keep their weight
+                continue
+            chains[b, t] = chains.get((b, t), []) + [int(rows.tokens[m])]
+            prefix = batch.ids[b, : t + 2].tolist()
+            expected = 1.0
+            for i, token in enumerate(chains[b, t]):  # accept c_{i+1} after c_1..c_i were accepted
+                with torch.no_grad():
+                    student, teacher = decoder_view(target, head, prefix, chains[b, t][:i])
+                if temperature == 0:
+                    expected *= float(teacher.argmax() == token)
+                else:
+                    p = torch.softmax(teacher / temperature, -1)[token]
+                    q = torch.softmax(student / temperature, -1)[head.vocab.target_to_draft(torch.tensor(token))]
+                    expected *= min(1.0, float(p / q))
+            assert float(rows.weights[m]) == pytest.approx(expected, rel=1e-5, abs=1e-12)  # float32 softmax
+    assert len(chains) == int(plan.sampled.sum())
+
+
+def test_step_loss_weights_each_row():
+    from draftdistill.losses import get_divergence
+    from draftdistill.train.ttt import StepRows, step_loss
+    vocab = DraftVocab(list(range(0, 32, 2)) + [31], 32)
+    student, teacher = torch.randn(5, len(vocab), dtype=torch.float64), torch.randn(5, 32, dtype=torch.float64)
+    teacher[:, 0] = 10.0  # every row's target argmax is in the draft vocabulary
+    weights = torch.tensor([1.0, 0.5, 0.0, 2.0, 0.25], dtype=torch.float64)
+    fkl = get_divergence("fkl")
+    rows = StepRows(student, teacher, torch.zeros(5, 2, dtype=torch.long), torch.zeros(5, dtype=torch.long), weights)
+    per_row = [float(step_loss(StepRows(student[i:i + 1], teacher[i:i + 1], rows.where[:1], rows.tokens[:1]),
+                               vocab, fkl)) for i in range(5)]
+    assert float(step_loss(rows, vocab, fkl)) == pytest.approx(sum(w * l for w, l in zip(weights.tolist(), per_row)))
+    rows.weights = None
+    assert float(step_loss(rows, vocab, fkl)) == pytest.approx(sum(per_row))
 
 
 def test_plan_scores_the_positions_that_predict_response_tokens():
@@ -91,16 +141,27 @@ def test_plan_scores_the_positions_that_predict_response_tokens():
         # step 0 at t predicts x_{t+2}: t = len(p) - 2 predicts the first response token
         assert plan.valid[0][b].nonzero().flatten().tolist() == list(range(len(p) - 2, len(p) + len(r) - 1))
         assert plan.valid[2][b].nonzero().flatten().tolist() == list(range(len(p) - 2, len(p) + len(r) - 3))
+    assert not bool(plan.sampled.any())
     sampled = plan_ttt(batch, 3, "sampled", anchors_per_row=2, generators=[torch.Generator()] * 3)
     assert sampled.counts() == [6, 6, 6]
-    assert bool((sampled.anchors <= plan.anchors).all())
+    assert bool((sampled.sampled <= plan.valid[0]).all()) and sampled.sampled.sum(1).tolist() == [2, 2, 2]
+    assert plan_ttt(batch, 3, "sampled", 2, [torch.Generator()] * 3, chain_tokens=1).counts() == [6, 6, 0]
+    # mixed: every data row, except at the anchors, whose sampled chains are scored instead
+    mixed = plan_ttt(batch, 3, "mixed", anchors_per_row=2, generators=[torch.Generator()] * 3)
+    assert torch.equal(mixed.sampled, sampled.sampled)  # the same draws
+    assert torch.equal(mixed.valid[0], plan.valid[0])
+    for j in (1, 2):
+        assert torch.equal(mixed.valid[j], (plan.valid[j] & ~mixed.sampled) | mixed.sampled)
     with pytest.raises(ValueError, match="chain must be one of"):
         plan_ttt(batch, 3, "teacher")
+    with pytest.raises(ValueError, match="chain_tokens"):
+        plan_ttt(batch, 3, "sampled", chain_tokens=-1)
 
 
 def test_simulated_acceptance():
     assert simulated_tau([0.5, 0.5, 0.5, 0.5], gamma=2) == 1 + 0.5 + 0.25
     assert simulated_tau([1.0] * 7, gamma=4) == 5
+    assert simulated_tau([0.5, None, 0.5], gamma=3) == 1.5  # an unscored position ends the chain
     target = tiny_llama(32, seed=0, layers=5)
     head = build_eagle3_head(target)  # full vocabulary
     logits = torch.randn(4, 32, dtype=torch.float64)
@@ -146,7 +207,8 @@ def test_trainer_logs_evaluates_and_exports_a_loadable_head(setup):
         assert all(0 <= a <= 1 for a in line["sim_alpha_per_position"] + line["sim_greedy_agreement_per_position"])
         assert 1 <= line["sim_tau"] <= 4
         # sampled chains: the context plus (steps - 1) chain tokens per scored anchor
-        assert line["target_tokens"] > 2 * line["scored_positions"]
+        assert line["target_chain_tokens"] == 2 * line["scored_positions"] and line["scored_positions"] <= 2 * 4
+        assert line["target_tokens"] > line["target_chain_tokens"]
     assert [l["step"] for l in lines if "eval_tau" in l] == [0, 2, 4]
     assert summary["target_tokens"] == sum(l["target_tokens"] for l in train_lines)
     assert len(summary["simulated"]["alpha_per_position"]) == 3 and summary["draft_vocab_size"] == 20
@@ -171,7 +233,7 @@ def test_killed_run_resumes_exactly(setup, monkeypatch):
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("chain", ["data", "sampled"])
+@pytest.mark.parametrize("chain", ["data", "sampled", "mixed"])
 def test_ttt_lowers_the_loss_on_fixed_data(setup, chain):
     root = setup[0]
     four = root / "four.jsonl"  # batch_size 4 over 4 prompts: the same contexts every step
@@ -191,6 +253,23 @@ def test_trainer_refuses_what_cannot_work(setup):
         train_drafter(config(setup, root / "bad", mix_drafter=1.0), progress=False)
     with pytest.raises(ValueError, match="rejected_only"):
         train_drafter(config(setup, root / "bad", rejected_only=True), progress=False)
+    with pytest.raises(ValueError, match="ttt_chain=sampled or mixed"):
+        train_drafter(config(setup, root / "bad", ttt_chain="data", ttt_reach_weights=True), progress=False)
+    with pytest.raises(ValueError, match="ttt_chain_tokens"):
+        train_drafter(config(setup, root / "bad", ttt_chain_tokens=-2), progress=False)
+
+
+def test_short_reach_weighted_chains_log_only_the_steps_they_score(setup):
+    root = setup[0]
+    cfg = config(setup, root / "short", ttt_chain="sampled", ttt_chain_tokens=1, ttt_reach_weights=True, steps=2,
+                 eval_every=2, save_every=2)
+    summary = train_drafter(cfg, progress=False)
+    rows = [json.loads(l) for l in (root / "short" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert len(rows) == 2
+    for row in rows:  # steps 0 and 1 are scored; step 2 (the chain's second draft) is not
+        assert row["sim_alpha_per_position"][2] is None and row["loss_per_step"][2] is None
+        assert row["sim_alpha_per_position"][1] is not None and row["loss_per_step"][1] >= 0
+    assert summary["simulated"]["alpha_per_position"][2] is None
 
 
 # ---------------------------------------------------------------- the offline mode (feature cache)

@@ -70,9 +70,13 @@ class DrafterOPDConfig:
     # EAGLE-3 heads only (drafter: eagle3, or an EAGLE-3 directory to fine-tune; see train/ttt.py):
     ttt_steps: int = 7  # training-time test: steps unrolled per position (the head fed its own states)
     ttt_decay: float = 0.8  # loss weight of TTT step j is ttt_decay ** j
-    ttt_chain: str = "data"  # chain tokens: data (teacher-forced, as EAGLE-3/SpecForge) or sampled
-    # (on-policy: the head's own drafts, scored by the target)
-    ttt_anchors: int = 16  # sampled chains: positions per row whose chain the target scores (0: all)
+    ttt_chain: str = "data"  # chain tokens: data (teacher-forced, as EAGLE-3/SpecForge), sampled
+    # (on-policy: the head's own drafts, scored by the target) or mixed (sampled chains at the anchors,
+    # data chains at every other position, whose teachers the context forward gives for free)
+    ttt_anchors: int = 16  # sampled/mixed chains: positions per row whose chain is sampled (0: all)
+    ttt_chain_tokens: int = 0  # sampled/mixed chains: drafts per chain the target scores (0: ttt_steps - 1)
+    ttt_reach_weights: bool = False  # sampled/mixed chains: weight a chain's step j by the chance that a
+    # decoder accepts its first j drafts (the loss then follows the states a decoder reaches)
     draft_vocab_size: int = 32000  # a fresh head's draft vocabulary: the most frequent training tokens
     # (capped at the target's vocabulary)
     aux_layers: str = ""  # a fresh head's target layers, e.g. "1,14,26" ("": SGLang's default low/mid/high)

@@ -2,7 +2,7 @@
 
     prompts -> contexts (dataset answers / target responses, mixed by weight)
             -> target forward (aux hidden states, logits) -> the head's TTT unroll of ttt_steps
-            -> [ttt_chain=sampled: the target scores the head's own drafted chains]
+            -> [ttt_chain=sampled/mixed: the target scores the head's own drafted chains]
             -> divergence over the draft vocabulary at every step, weighted ttt_decay**j -> optimizer step
 
 Data stream, per-row random streams, schedule, checkpoints and the held-out evaluation on the real
@@ -59,6 +59,11 @@ def check_eagle3_config(cfg: DrafterOPDConfig) -> None:
     if cfg.feature_cache and distributed.launched() and cfg.teacher_parallel == "shard":
         raise ValueError("feature_cache needs teacher_parallel=replicate: a sharded target's forward is a "
                          "collective, which ranks reading their rows from the cache would skip")
+    if cfg.ttt_reach_weights and cfg.ttt_chain == "data":
+        raise ValueError("ttt_reach_weights weights sampled chains by their drafts' acceptance: set "
+                         "ttt_chain=sampled or mixed")
+    if cfg.ttt_chain_tokens < 0:
+        raise ValueError(f"ttt_chain_tokens must be >= 0 (0: ttt_steps - 1), got {cfg.ttt_chain_tokens}")
     if cfg.ttt_steps < 1 or not 0 < cfg.ttt_decay <= 1:
         raise ValueError(f"need ttt_steps >= 1 and 0 < ttt_decay <= 1, got {cfg.ttt_steps}, {cfg.ttt_decay}")
 
@@ -156,7 +161,7 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
         for micro in range(cfg.grad_accum):
             indices, responses, rows = micro_batch_rows(step, micro, cfg, order, rollouts, mix, shard_target)
             batch = pack_right([prompt_ids[i][0].tolist() for i in indices], responses, pad_id).to(device)
-            plan = plan_ttt(batch, cfg.ttt_steps, cfg.ttt_chain, cfg.ttt_anchors, rows)
+            plan = plan_ttt(batch, cfg.ttt_steps, cfg.ttt_chain, cfg.ttt_anchors, rows, cfg.ttt_chain_tokens)
             micro_batches.append((batch, plan, rows))
         counts = [sum(per_step) for per_step in zip(*(plan.counts() for _, plan, _ in micro_batches))]
         counts = [int(n) for n in distributed.all_sum(counts)]
@@ -167,8 +172,10 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
         accept_sums = [0.0] * cfg.ttt_steps
         agree_sums = [0.0] * cfg.ttt_steps
         step_target_tokens = 0
+        chain_tokens = sum(int(plan.sampled.sum()) * plan.chain_tokens for _, plan, _ in micro_batches)
         for batch, plan, rows in micro_batches:
-            scored, target_tokens = ttt_forward(head, target, batch, plan, cfg.rollout_temperature, rows, features)
+            scored, target_tokens = ttt_forward(head, target, batch, plan, cfg.rollout_temperature, rows, features,
+                                                reach_weights=cfg.ttt_reach_weights)
             step_target_tokens += target_tokens
             loss = 0.0
             for j, step_rows in enumerate(scored):
@@ -188,19 +195,21 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
         # Metrics of the global batch (sums over ranks).
         k = cfg.ttt_steps
         cached = [features.rows_read, features.rows_computed] if features else [0, 0]
-        totals = distributed.all_sum([*loss_sums, *accept_sums, *agree_sums, step_target_tokens,
+        totals = distributed.all_sum([*loss_sums, *accept_sums, *agree_sums, step_target_tokens, chain_tokens,
                                       rollouts.target_forward_tokens, *cached])
         loss_sums, accept_sums, agree_sums = totals[:k], totals[k: 2 * k], totals[2 * k: 3 * k]
-        step_target_tokens, rollout_tokens, rows_read, rows_computed = map(int, totals[3 * k:])
+        step_target_tokens, chain_tokens, rollout_tokens, rows_read, rows_computed = map(int, totals[3 * k:])
         state["target_tokens"] += step_target_tokens
-        sim_alpha = [a / max(1, n) for a, n in zip(accept_sums, counts)]
-        sim_agree = [a / max(1, n) for a, n in zip(agree_sums, counts)]
+        # None at a step with no scored row (sampled chains scored over fewer drafts than ttt_steps - 1).
+        sim_alpha = [a / n if n else None for a, n in zip(accept_sums, counts)]
+        sim_agree = [a / n if n else None for a, n in zip(agree_sums, counts)]
         metrics = {"loss": sum(cfg.ttt_decay ** j * s / max(1, n) for j, (s, n) in enumerate(zip(loss_sums, counts))),
-                   "loss_per_step": [s / max(1, n) for s, n in zip(loss_sums, counts)],
+                   "loss_per_step": [s / n if n else None for s, n in zip(loss_sums, counts)],
                    "sim_alpha_per_position": sim_alpha, "sim_greedy_agreement_per_position": sim_agree,
                    "sim_tau": simulated_tau(sim_alpha, cfg.gamma),
                    "sim_tau_greedy": simulated_tau(sim_agree, cfg.gamma),
                    "scored_positions": counts[0], "target_tokens": step_target_tokens,
+                   "target_chain_tokens": chain_tokens,  # of target_tokens: the sampled chains' drafts
                    "target_tokens_total": state["target_tokens"],
                    "target_rollout_tokens": rollout_tokens,
                    "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "step_seconds": seconds}
@@ -243,7 +252,10 @@ def simulated_acceptance(recent: list[dict], cfg) -> dict | None:
     if not recent:
         return None
     key = "sim_greedy_agreement_per_position" if cfg.eval_temperature == 0 else "sim_alpha_per_position"
-    per_position = [sum(m[key][j] for m in recent) / len(recent) for j in range(cfg.ttt_steps)][:cfg.gamma]
+    per_position = []
+    for j in range(min(cfg.ttt_steps, cfg.gamma)):
+        seen = [m[key][j] for m in recent if m[key][j] is not None]
+        per_position.append(sum(seen) / len(seen) if seen else None)
     return {"of": key, "steps": len(recent), "alpha_per_position": per_position,
             "tau": simulated_tau(per_position, cfg.gamma)}
 

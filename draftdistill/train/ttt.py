@@ -15,11 +15,23 @@ Chain tokens (`chain`):
            (on-policy, as [D] does for standalone drafters). The target then scores every chain in
            one more forward over the chain tokens only, on the context's KV cache, each chain token
            seeing its anchor's prefix x_<=t+1 and its own chain (a tree attention mask).
+  mixed    sampled chains at the anchors, data chains at every other position, all scored: the
+           data chains' teachers come from the context forward the sampled chains need anyway, so
+           on-policy chains are added to teacher-forced ones at the sampled chains' target cost only.
 
-Anchors (the positions whose chains are scored) are the positions that predict response tokens;
-with `sampled` chains a random subset of `anchors_per_row` keeps the target's extra cost at
-anchors * (steps - 1) tokens per row. Which (row, position, step) is scored is fixed by `plan_ttt`
-before any forward, so a step's loss can be divided by its token count over every micro-batch.
+Anchors (the positions whose chains are sampled) are drawn among the positions that predict
+response tokens, `anchors_per_row` per row, which keeps the target's extra cost at anchors *
+chain_tokens per row; the target scores the first `chain_tokens` drafts of each chain (default all
+steps - 1; a decoder drafting gamma tokens only ever uses the first gamma - 1). Which (row, position,
+step) is scored is fixed by `plan_ttt` before any forward, so a step's loss can be divided by its
+token count over every micro-batch.
+
+Reach weights (`reach_weights`, sampled chains): a decoder only drafts step j of a chain after
+accepting its first j drafts, which it does with chance prod_i min(1, p(c_i) / q(c_i)) when it
+samples (at the chain's temperature). Weighting the sampled rows of step j by that chance makes the
+loss an expectation over the states the decoder reaches, instead of every state the head can draft
+into (most of which follow a rejected draft).
+
 The loss of step j is a registry divergence over the draft vocabulary, SpecForge's way (see
 models/draft_vocab.py): the teacher is the target's logits restricted to the draft vocabulary, and
 a position whose target argmax lies outside it is dropped.
@@ -35,7 +47,7 @@ from draftdistill.models.eagle3 import target_aux_hidden_states
 
 from .feature_cache import FeatureCache
 
-CHAINS = ("data", "sampled")
+CHAINS = ("data", "sampled", "mixed")
 
 
 @dataclass
@@ -63,8 +75,9 @@ class TTTPlan:
     """Which positions t (of the head's T = L - 1) each step scores."""
 
     chain: str
-    anchors: torch.Tensor  # [B, T] bool: positions whose chains are scored
-    valid: list[torch.Tensor]  # per step, [B, T] bool: anchors whose step-j teacher exists
+    sampled: torch.Tensor  # [B, T] bool: the anchors, positions whose chains are the head's own drafts
+    valid: list[torch.Tensor]  # per step, [B, T] bool: positions whose step-j row is scored
+    chain_tokens: int  # drafts per sampled chain the target scores (steps 1..chain_tokens)
 
     @property
     def steps(self) -> int:
@@ -75,31 +88,37 @@ class TTTPlan:
 
 
 def plan_ttt(batch: ContextBatch, steps: int, chain: str, anchors_per_row: int = 0,
-             generators: list[torch.Generator] | None = None) -> TTTPlan:
-    """Anchors are positions t with prompt_len - 2 <= t <= len - 2 (t + 1 is the last prompt token
-    or a response token, so step 0 predicts a response token). Data chains score step j while the
-    context still has x_{t+1+j}; sampled chains extend past the context and score every step."""
+             generators: list[torch.Generator] | None = None, chain_tokens: int = 0) -> TTTPlan:
+    """Rows are scored at positions t with prompt_len - 2 <= t <= len - 2 (t + 1 is the last prompt
+    token or a response token, so step 0 predicts a response token). Data chains score step j while
+    the context still has x_{t+1+j}; sampled chains extend past the context and score steps up to
+    chain_tokens (0: every step)."""
     if chain not in CHAINS:
         raise ValueError(f"ttt chain must be one of {CHAINS}, got {chain!r}")
     if steps < 1:
         raise ValueError(f"ttt steps must be >= 1, got {steps}")
+    if chain_tokens < 0:
+        raise ValueError(f"ttt chain_tokens must be >= 0 (0: steps - 1), got {chain_tokens}")
+    chain_tokens = min(chain_tokens or steps - 1, steps - 1)
     B, L = batch.ids.shape
     t = torch.arange(L - 1)[None]
     lengths, prompts = batch.lengths.cpu()[:, None], batch.prompt_lengths.cpu()[:, None]
-    anchors = (t >= (prompts - 2).clamp(min=0)) & (t <= lengths - 2)
-    if chain == "sampled" and anchors_per_row > 0:
+    eligible = (t >= (prompts - 2).clamp(min=0)) & (t <= lengths - 2)
+    sampled = torch.zeros_like(eligible)
+    if chain != "data":
+        sampled = eligible.clone()
         for row in range(B):
-            where = anchors[row].nonzero().flatten()
-            if len(where) > anchors_per_row:
+            where = eligible[row].nonzero().flatten()
+            if 0 < anchors_per_row < len(where):
                 pick = torch.randperm(len(where), generator=generators[row] if generators else None)
-                anchors[row] = False
-                anchors[row, where[pick[:anchors_per_row]]] = True
-    if chain == "data":
-        valid = [anchors & (t + 1 + j <= lengths - 1) for j in range(steps)]
-    else:
-        valid = [anchors.clone() for _ in range(steps)]
+                sampled[row] = False
+                sampled[row, where[pick[:anchors_per_row]]] = True
+    data = [eligible & ~sampled & (t + 1 + j <= lengths - 1) for j in range(steps)]
+    valid = [d | (sampled & (j <= chain_tokens)) for j, d in enumerate(data)]
+    if chain == "sampled":
+        valid = [sampled & (j <= chain_tokens) for j in range(steps)]
     device = batch.ids.device
-    return TTTPlan(chain, anchors.to(device), [v.to(device) for v in valid])
+    return TTTPlan(chain, sampled.to(device), [v.to(device) for v in valid], chain_tokens)
 
 
 def sample_chain_tokens(logits: torch.Tensor, anchors: torch.Tensor, vocab, temperature: float,
@@ -146,26 +165,31 @@ def score_chains(target, past_key_values, anchor_pos: torch.Tensor, chain_tokens
 
 @dataclass
 class StepRows:
-    """One TTT step's scored rows, in (row, t) order: the head's draft-vocab logits [M, N], the
-    target's logits [M, V], and for inspection where they are ([M, 2]: row, anchor t) and the token
-    the head ate at this step ([M]: x_{t+1} at step 0, the chain token c_j after)."""
+    """One TTT step's scored rows: the head's draft-vocab logits [M, N], the target's logits [M, V],
+    each row's loss weight ([M], or None: all 1), and for inspection where they are ([M, 2]: row,
+    position t) and the token the head ate at this step ([M]: x_{t+1} at step 0, the chain token c_j
+    after). Rows whose teacher comes from the context come first, then the sampled chains' rows,
+    each part in (row, t) order."""
 
     student: torch.Tensor
     teacher: torch.Tensor
     where: torch.Tensor
     tokens: torch.Tensor
+    weights: torch.Tensor | None = None
 
 
 def ttt_forward(head, target, batch: ContextBatch, plan: TTTPlan, temperature: float = 1.0,
                 generators: list[torch.Generator] | None = None,
-                features: FeatureCache | None = None) -> tuple[list[StepRows], int]:
-    """Target forward(s) + the head's TTT unroll; returns each step's scored rows (in (row, t)
-    order) and the number of tokens the target ran over (context + chain tokens).
+                features: FeatureCache | None = None,
+                reach_weights: bool = False) -> tuple[list[StepRows], int]:
+    """Target forward(s) + the head's TTT unroll; returns each step's scored rows and the number of
+    tokens the target ran over (context + chain tokens).
     features: data chains only, the contexts' target features from this cache when it holds them
-    (feature_cache.py); the result is the same, without the target's layers."""
+    (feature_cache.py); the result is the same, without the target's layers.
+    reach_weights: weight each sampled row by the chance a decoder accepts its chain's earlier drafts."""
     ids = batch.ids
     B, L = ids.shape
-    sampled = plan.chain == "sampled"
+    sampled = plan.chain != "data"
     if features is not None and sampled:
         raise ValueError("cached features serve data chains only: the target scores sampled chains on each "
                          "context's KV cache")
@@ -188,45 +212,86 @@ def ttt_forward(head, target, batch: ContextBatch, plan: TTTPlan, temperature: f
     for j in range(1, plan.steps):
         tokens = F.pad(ids[:, 1 + j:], (0, j))  # x_{t+1+j} (0 past the end: never scored)
         if sampled:
-            tokens = torch.where(plan.anchors, sample_chain_tokens(logits, plan.anchors, vocab, temperature, generators),
-                                 tokens)
+            drafts = sample_chain_tokens(logits, plan.sampled, vocab, temperature, generators)
+            tokens = torch.where(plan.sampled, drafts, tokens)
         logits, h = head(tokens, h, cache, step=j)
         head_logits.append(logits)
         head_tokens.append(tokens)
 
-    def rows(j: int, teacher: torch.Tensor) -> StepRows:
-        valid = plan.valid[j]
-        return StepRows(head_logits[j][valid], teacher, valid.nonzero(), head_tokens[j][valid])
-
-    steps = [rows(0, context_logits[plan.valid[0]])]
-    if not sampled:
-        for j in range(1, plan.steps):
-            steps.append(rows(j, F.pad(context_logits[:, j:], (0, 0, 0, j))[plan.valid[j]]))
+    # Rows whose teacher is the context's: every row of step 0, the data chains' rows after it.
+    steps = []
+    for j in range(plan.steps):
+        from_context = plan.valid[j] if j == 0 else plan.valid[j] & ~plan.sampled
+        teacher = context_logits if j == 0 else F.pad(context_logits[:, j:], (0, 0, 0, j))
+        steps.append(StepRows(head_logits[j][from_context], teacher[from_context], from_context.nonzero(),
+                              head_tokens[j][from_context]))
+    if not sampled or plan.chain_tokens == 0:
         return steps, target_tokens
-    if plan.steps > 1:
-        # Anchors of each row, ascending, padded to A with position 0 (their rows are dropped below).
-        per_row = plan.anchors.sum(1)
-        A = int(per_row.max())
-        order = torch.sort((~plan.anchors).long(), dim=1, stable=True).indices[:, :A]  # anchors first, by t
-        kept = torch.arange(A, device=ids.device)[None] < per_row[:, None]
-        anchor_pos = torch.where(kept, order, torch.zeros_like(order))
-        chain = torch.stack([tokens.gather(1, anchor_pos) for tokens in head_tokens[1:]], dim=-1)  # [B, A, steps - 1]
-        with torch.no_grad():
-            chain_logits = score_chains(target, out.past_key_values, anchor_pos, chain, L)
-        target_tokens += int(kept.sum()) * (plan.steps - 1)
-        for j in range(1, plan.steps):
-            steps.append(rows(j, chain_logits[:, :, j - 1][kept]))
+
+    # Sampled chains: the target scores their first chain_tokens drafts in one forward. Anchors of
+    # each row, ascending, padded to A with position 0 (their rows are dropped by `kept`).
+    K = plan.chain_tokens
+    per_row = plan.sampled.sum(1)
+    A = int(per_row.max())
+    order = torch.sort((~plan.sampled).long(), dim=1, stable=True).indices[:, :A]  # anchors first, by t
+    kept = torch.arange(A, device=ids.device)[None] < per_row[:, None]
+    anchor_pos = torch.where(kept, order, torch.zeros_like(order))
+    chain = torch.stack([tokens.gather(1, anchor_pos) for tokens in head_tokens[1: K + 1]], dim=-1)  # [B, A, K]
+    with torch.no_grad():
+        chain_logits = score_chains(target, out.past_key_values, anchor_pos, chain, L)
+    target_tokens += int(kept.sum()) * K
+    reach = chain_reach(head_logits, context_logits, chain_logits, anchor_pos, chain, vocab, temperature) \
+        if reach_weights else None
+    for j in range(1, K + 1):
+        rows = steps[j]
+        on_chain = plan.valid[j] & plan.sampled
+        weights = None
+        if reach is not None:
+            ones = torch.ones(len(rows.student), device=ids.device)
+            weights = torch.cat([ones, reach[:, :, j - 1][kept]])
+        steps[j] = StepRows(torch.cat([rows.student, head_logits[j][on_chain]]),
+                            torch.cat([rows.teacher, chain_logits[:, :, j - 1][kept]]),
+                            torch.cat([rows.where, on_chain.nonzero()]),
+                            torch.cat([rows.tokens, head_tokens[j][on_chain]]), weights)
     return steps, target_tokens
+
+
+@torch.no_grad()
+def chain_reach(head_logits: list[torch.Tensor], context_logits: torch.Tensor, chain_logits: torch.Tensor,
+                anchor_pos: torch.Tensor, chain: torch.Tensor, vocab, temperature: float) -> torch.Tensor:
+    """[B, A, K]: for each sampled chain and step j = 1..K, the chance that a decoder sampling at
+    `temperature` accepts the chain's drafts c_1..c_j, prod_i min(1, p_{i-1}(c_i) / q_{i-1}(c_i))
+    (greedy, temperature 0: whether each c_i is the target's argmax). Padding anchors (position 0
+    beyond a row's count) get values that the caller drops."""
+    B, A, K = chain.shape
+    accept = []
+    for i in range(1, K + 1):
+        c = chain[:, :, i - 1]
+        student = head_logits[i - 1].gather(1, anchor_pos[:, :, None].expand(B, A, head_logits[i - 1].shape[-1]))
+        teacher = context_logits.gather(1, anchor_pos[:, :, None].expand(B, A, context_logits.shape[-1])) \
+            if i == 1 else chain_logits[:, :, i - 2]
+        if temperature > 0:
+            p = torch.softmax(teacher.float() / temperature, -1).gather(-1, c[..., None])[..., 0]
+            drafted = vocab.target_to_draft(c).clamp_min(0)  # padding anchors may hold tokens outside it
+            q = torch.softmax(student.float() / temperature, -1).gather(-1, drafted[..., None])[..., 0]
+            accept.append(torch.clamp(p / q.clamp_min(1e-30), max=1.0))
+        else:
+            accept.append((teacher.argmax(-1) == c).float())
+    return torch.stack(accept, -1).cumprod(-1)
 
 
 def step_loss(rows: StepRows, vocab, loss_fn, temperature: float = 1.0) -> torch.Tensor:
     """Sum over the step's rows of the divergence between the target restricted to the draft
-    vocabulary and the head; rows whose target argmax is outside the vocabulary count 0."""
+    vocabulary and the head, times each row's weight; rows whose target argmax is outside the
+    vocabulary count 0."""
     if rows.student.shape[0] == 0:
         return rows.student.sum() * 0.0
     keep = vocab.loss_mask(rows.teacher)
-    return loss_fn(rows.student, vocab.restrict_logits(rows.teacher), keep, temperature=temperature,
-                   reduction="sum")
+    teacher = vocab.restrict_logits(rows.teacher)
+    if rows.weights is None:
+        return loss_fn(rows.student, teacher, keep, temperature=temperature, reduction="sum")
+    per_row = loss_fn(rows.student, teacher, keep, temperature=temperature, reduction="none")
+    return (per_row * rows.weights).sum()
 
 
 @torch.no_grad()
@@ -242,11 +307,14 @@ def step_acceptance(rows: StepRows, vocab) -> tuple[float, float]:
     return float(alpha.sum()), float(agree.sum())
 
 
-def simulated_tau(alpha_per_position: list[float], gamma: int) -> float:
+def simulated_tau(alpha_per_position: list[float | None], gamma: int) -> float:
     """Expected tokens per target call of a chain of `gamma` drafts with these conditional
-    acceptance rates (the decoder's tau is this function of its measured alpha per position)."""
+    acceptance rates (the decoder's tau is this function of its measured alpha per position); a
+    position whose rate is unknown (None) and those after it add nothing."""
     tau, reach = 1.0, 1.0
     for alpha in alpha_per_position[:gamma]:
+        if alpha is None:
+            break
         reach *= alpha
         tau += reach
     return tau
