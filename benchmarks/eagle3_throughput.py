@@ -34,7 +34,7 @@ from draftdistill.losses import get_divergence
 from draftdistill.models.draft_vocab import DraftVocab
 from draftdistill.models.eagle3 import build_eagle3_head
 from draftdistill.train.feature_cache import FeatureCache, cache_identity
-from draftdistill.train.ttt import ContextBatch, plan_ttt, step_loss, ttt_forward
+from draftdistill.train.ttt import CHAINS, ContextBatch, plan_ttt, step_loss, ttt_forward
 
 SHAPES = {  # (hidden, layers, heads, kv_heads, intermediate, vocab)
     "llama-8b": (4096, 32, 32, 8, 14336, 128256),  # Llama-3.1-8B
@@ -53,8 +53,10 @@ def parse_args(argv):
     ap.add_argument("--seq", type=int, default=2048, help="tokens per row (prompt + response)")
     ap.add_argument("--prompt", type=int, default=256, help="prompt tokens per row (not scored)")
     ap.add_argument("--ttt-steps", type=int, default=7)
-    ap.add_argument("--chain", choices=["data", "sampled"], default="data")
+    ap.add_argument("--chain", choices=CHAINS, default="data")
     ap.add_argument("--anchors", type=int, default=64, help="sampled chains scored per row")
+    ap.add_argument("--chain-tokens", type=int, default=0, help="drafts per sampled chain the target scores (0: all)")
+    ap.add_argument("--reach-weights", action="store_true", help="weight sampled drafts by their reach chance")
     ap.add_argument("--draft-vocab", type=int, default=32000)
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2)
@@ -121,9 +123,10 @@ def main(argv=None):
                          torch.full((args.batch,), args.prompt, device=device))
 
     def step(features=None) -> int:
-        plan = plan_ttt(batch, args.ttt_steps, args.chain, args.anchors, generators)
+        plan = plan_ttt(batch, args.ttt_steps, args.chain, args.anchors, generators, args.chain_tokens)
         optimizer.zero_grad(set_to_none=True)
-        scored, target_tokens = ttt_forward(head, target, batch, plan, 1.0, generators, features)
+        scored, target_tokens = ttt_forward(head, target, batch, plan, 1.0, generators, features,
+                                            reach_weights=args.reach_weights)
         counts = plan.counts()
         loss = sum(0.8 ** j * step_loss(r, head.vocab, loss_fn) / max(1, counts[j]) for j, r in enumerate(scored))
         loss.backward()

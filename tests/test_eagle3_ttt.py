@@ -58,13 +58,14 @@ def decoder_view(target, head, prefix: list[int], chain: list[int]):
     return logits[0, -1], teacher
 
 
-@pytest.mark.parametrize("chain,chain_tokens", [("data", 0), ("sampled", 0), ("sampled", 1), ("mixed", 0),
-                                                ("mixed", 1)])
-def test_every_scored_row_is_what_the_decoder_computes(models, chain, chain_tokens):
+# 5 anchors: row 1 has only 4 positions, so the chain scoring pads it (and, mixed, it has no data chain)
+@pytest.mark.parametrize("chain,chain_tokens,anchors", [("data", 0, 3), ("sampled", 0, 3), ("sampled", 1, 5),
+                                                        ("mixed", 0, 5), ("mixed", 1, 3)])
+def test_every_scored_row_is_what_the_decoder_computes(models, chain, chain_tokens, anchors):
     target, head = models
     batch = pack_right(PROMPTS, RESPONSES, pad_id=0)
     generators = [torch.Generator().manual_seed(i) for i in range(3)]
-    plan = plan_ttt(batch, 3, chain, anchors_per_row=3, generators=generators, chain_tokens=chain_tokens)
+    plan = plan_ttt(batch, 3, chain, anchors_per_row=anchors, generators=generators, chain_tokens=chain_tokens)
     with torch.no_grad():
         steps, target_tokens = ttt_forward(head, target, batch, plan, temperature=1.0, generators=generators)
     eaten = {}  # (row, t) -> the chain tokens fed so far
@@ -91,13 +92,19 @@ def test_reach_weights_are_the_chance_a_decoder_accepts_the_earlier_drafts(model
     target, head = models
     batch = pack_right(PROMPTS, RESPONSES, pad_id=0)
     generators = [torch.Generator().manual_seed(i) for i in range(3)]
-    plan = plan_ttt(batch, 4, "mixed", anchors_per_row=2, generators=generators)
+    # 5 anchors pad row 1's chains; 2 of the 3 chain steps are scored
+    plan = plan_ttt(batch, 4, "mixed", anchors_per_row=5, generators=generators, chain_tokens=2)
     with torch.no_grad():
         steps, _ = ttt_forward(head, target, batch, plan, temperature=temperature, generators=generators,
                                reach_weights=True)
-    assert steps[0].weights is None  # step 0 follows no draft
+    assert steps[0].weights is None and steps[3].weights is None  # no draft before / none scored
+    weights = torch.cat([rows.weights for rows in steps[1:3]])
+    if temperature > 0:
+        assert bool(((weights > 0) & (weights < 1)).any())  # not a vacuous 0 / 1 everywhere
+    else:
+        assert set(weights.tolist()) <= {0.0, 1.0}
     chains = {}  # (row, t) -> the sampled chain so far
-    for j, rows in enumerate(steps[1:], start=1):
+    for rows in steps[1:3]:
         for m, (b, t) in enumerate(rows.where.tolist()):
             if not bool(plan.sampled[b, t]):
                 assert rows.weights[m] == 1  # teacher-forced rows keep their weight
@@ -115,7 +122,7 @@ def test_reach_weights_are_the_chance_a_decoder_accepts_the_earlier_drafts(model
                     q = torch.softmax(student / temperature, -1)[head.vocab.target_to_draft(torch.tensor(token))]
                     expected *= min(1.0, float(p / q))
             assert float(rows.weights[m]) == pytest.approx(expected, rel=1e-5, abs=1e-12)  # float32 softmax
-    assert len(chains) == int(plan.sampled.sum())
+    assert len(chains) == int(plan.sampled.sum()) and all(len(c) == 2 for c in chains.values())
 
 
 def test_step_loss_weights_each_row():
@@ -152,6 +159,12 @@ def test_plan_scores_the_positions_that_predict_response_tokens():
     assert torch.equal(mixed.valid[0], plan.valid[0])
     for j in (1, 2):
         assert torch.equal(mixed.valid[j], (plan.valid[j] & ~mixed.sampled) | mixed.sampled)
+    short = plan_ttt(batch, 3, "mixed", anchors_per_row=2, generators=[torch.Generator()] * 3, chain_tokens=1)
+    assert torch.equal(short.valid[2], plan.valid[2] & ~short.sampled)  # the last step: data chains only
+    for chain in ("sampled", "mixed"):  # one step: nothing drafted, every row is step 0's
+        one = plan_ttt(batch, 1, chain, anchors_per_row=2, generators=[torch.Generator()] * 3, chain_tokens=3)
+        assert one.chain_tokens == 0 and one.steps == 1
+    assert plan_ttt(batch, 3, "sampled", 2, [torch.Generator()] * 3, chain_tokens=9).chain_tokens == 2
     with pytest.raises(ValueError, match="chain must be one of"):
         plan_ttt(batch, 3, "teacher")
     with pytest.raises(ValueError, match="chain_tokens"):
@@ -255,8 +268,9 @@ def test_trainer_refuses_what_cannot_work(setup):
         train_drafter(config(setup, root / "bad", rejected_only=True), progress=False)
     with pytest.raises(ValueError, match="ttt_chain=sampled or mixed"):
         train_drafter(config(setup, root / "bad", ttt_chain="data", ttt_reach_weights=True), progress=False)
-    with pytest.raises(ValueError, match="ttt_chain_tokens"):
-        train_drafter(config(setup, root / "bad", ttt_chain_tokens=-2), progress=False)
+    for chain_tokens in (-2, 3):  # ttt_steps 3: at most 2 drafts per chain
+        with pytest.raises(ValueError, match="ttt_chain_tokens"):
+            train_drafter(config(setup, root / "bad", ttt_chain_tokens=chain_tokens), progress=False)
 
 
 def test_short_reach_weighted_chains_log_only_the_steps_they_score(setup):

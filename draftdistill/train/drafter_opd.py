@@ -74,7 +74,7 @@ class DrafterOPDConfig:
     # (on-policy: the head's own drafts, scored by the target) or mixed (sampled chains at the anchors,
     # data chains at every other position, whose teachers the context forward gives for free)
     ttt_anchors: int = 16  # sampled/mixed chains: positions per row whose chain is sampled (0: all)
-    ttt_chain_tokens: int = 0  # sampled/mixed chains: drafts per chain the target scores (0: ttt_steps - 1)
+    ttt_chain_tokens: int = 0  # sampled/mixed chains: drafts per chain the target scores, <= ttt_steps - 1 (0: all)
     ttt_reach_weights: bool = False  # sampled/mixed chains: weight a chain's step j by the chance that a
     # decoder accepts its first j drafts (the loss then follows the states a decoder reaches)
     draft_vocab_size: int = 32000  # a fresh head's draft vocabulary: the most frequent training tokens

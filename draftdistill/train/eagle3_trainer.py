@@ -62,8 +62,9 @@ def check_eagle3_config(cfg: DrafterOPDConfig) -> None:
     if cfg.ttt_reach_weights and cfg.ttt_chain == "data":
         raise ValueError("ttt_reach_weights weights sampled chains by their drafts' acceptance: set "
                          "ttt_chain=sampled or mixed")
-    if cfg.ttt_chain_tokens < 0:
-        raise ValueError(f"ttt_chain_tokens must be >= 0 (0: ttt_steps - 1), got {cfg.ttt_chain_tokens}")
+    if not 0 <= cfg.ttt_chain_tokens <= cfg.ttt_steps - 1:
+        raise ValueError(f"ttt_chain_tokens must be in 0..ttt_steps - 1 = {cfg.ttt_steps - 1} (0: all), "
+                         f"got {cfg.ttt_chain_tokens}")
     if cfg.ttt_steps < 1 or not 0 < cfg.ttt_decay <= 1:
         raise ValueError(f"need ttt_steps >= 1 and 0 < ttt_decay <= 1, got {cfg.ttt_steps}, {cfg.ttt_decay}")
 

@@ -26,9 +26,9 @@ steps - 1; a decoder drafting gamma tokens only ever uses the first gamma - 1). 
 step) is scored is fixed by `plan_ttt` before any forward, so a step's loss can be divided by its
 token count over every micro-batch.
 
-Reach weights (`reach_weights`, sampled chains): a decoder only drafts step j of a chain after
-accepting its first j drafts, which it does with chance prod_i min(1, p(c_i) / q(c_i)) when it
-samples (at the chain's temperature). Weighting the sampled rows of step j by that chance makes the
+Reach weights (`reach_weights`, sampled chains): a decoder only gets to use the draft of step j
+after accepting the chain's first j drafts, which it does with chance prod_i min(1, p(c_i) / q(c_i))
+when it samples (at the chain's temperature). Weighting the sampled rows of step j by that chance makes the
 loss an expectation over the states the decoder reaches, instead of every state the head can draft
 into (most of which follow a rejected draft).
 
@@ -200,31 +200,38 @@ def ttt_forward(head, target, batch: ContextBatch, plan: TTTPlan, temperature: f
         else:
             attention = (torch.arange(L, device=ids.device)[None] < batch.lengths[:, None]).long()
             aux, out = target_aux_hidden_states(target, ids, head.aux_layer_ids, attention_mask=attention,
-                                                use_cache=sampled)
+                                                use_cache=sampled and plan.chain_tokens > 0)
             target_logits, target_tokens = out.logits, int(batch.lengths.sum())
             if features is not None:  # the final states, after the final norm: lm_head of them is out.logits
                 features.store(ids, batch.lengths, aux, out.hidden_states[-1])
     context_logits = target_logits[:, 1:]  # teacher of step 0 at t: the target at t + 1
 
     cache, vocab = head.new_cache(), head.vocab
+    # Sampled chains alone score nothing past chain_tokens: the unroll stops there.
+    unrolled = plan.chain_tokens + 1 if plan.chain == "sampled" else plan.steps
     logits, h = head(ids[:, 1:], head.fuse(aux[:, :-1]), cache)
     head_logits, head_tokens = [logits], [ids[:, 1:]]
-    for j in range(1, plan.steps):
+    for j in range(1, unrolled):
         tokens = F.pad(ids[:, 1 + j:], (0, j))  # x_{t+1+j} (0 past the end: never scored)
-        if sampled:
+        if sampled and j <= plan.chain_tokens:  # past it, a mixed anchor's unscored chain eats anything
             drafts = sample_chain_tokens(logits, plan.sampled, vocab, temperature, generators)
             tokens = torch.where(plan.sampled, drafts, tokens)
         logits, h = head(tokens, h, cache, step=j)
         head_logits.append(logits)
         head_tokens.append(tokens)
 
-    # Rows whose teacher is the context's: every row of step 0, the data chains' rows after it.
+    # Rows whose teacher is the context's: every row of step 0, the data chains' rows after it
+    # (the target at t + 1 + j, gathered row by row rather than copying the logits shifted).
     steps = []
     for j in range(plan.steps):
+        if j >= unrolled:
+            steps.append(StepRows(head_logits[0][:0], target_logits[0, :0], plan.valid[j][:0].nonzero(),
+                                  ids[0, :0]))
+            continue
         from_context = plan.valid[j] if j == 0 else plan.valid[j] & ~plan.sampled
-        teacher = context_logits if j == 0 else F.pad(context_logits[:, j:], (0, 0, 0, j))
-        steps.append(StepRows(head_logits[j][from_context], teacher[from_context], from_context.nonzero(),
-                              head_tokens[j][from_context]))
+        b, t = from_context.nonzero(as_tuple=True)
+        steps.append(StepRows(head_logits[j][b, t], context_logits[b, t + j], torch.stack([b, t], -1),
+                              head_tokens[j][b, t]))
     if not sampled or plan.chain_tokens == 0:
         return steps, target_tokens
 
@@ -247,7 +254,7 @@ def ttt_forward(head, target, batch: ContextBatch, plan: TTTPlan, temperature: f
         on_chain = plan.valid[j] & plan.sampled
         weights = None
         if reach is not None:
-            ones = torch.ones(len(rows.student), device=ids.device)
+            ones = torch.ones(len(rows.student), dtype=reach.dtype, device=ids.device)
             weights = torch.cat([ones, reach[:, :, j - 1][kept]])
         steps[j] = StepRows(torch.cat([rows.student, head_logits[j][on_chain]]),
                             torch.cat([rows.teacher, chain_logits[:, :, j - 1][kept]]),
