@@ -43,6 +43,7 @@ from draftdistill.models import load_drafter, load_target
 from draftdistill.serving.export_eagle3 import export_sglang_eagle3
 from draftdistill.train import DrafterOPDConfig, load_config, train_drafter
 from draftdistill.train.checkpoint import load_weights
+from draftdistill.train.eagle3_trainer import mean_per_position
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -99,11 +100,7 @@ def final_head(work: Path, name: str, target, tokenizer):
 def simulated(rows: list[dict], gamma: int) -> dict:
     """Mean over the last 10 steps of the acceptance the training chains imply, per draft position."""
     last = rows[-10:]
-
-    def average(key: str, j: int):  # None: a draft position the chains did not score
-        seen = [r[key][j] for r in last if r[key][j] is not None]
-        return sum(seen) / len(seen) if seen else None
-    mean = {key: [average(key, j) for j in range(gamma)]
+    mean = {key: mean_per_position(last, key, gamma)  # None: a draft position the chains did not score
             for key in ("sim_alpha_per_position", "sim_greedy_agreement_per_position")}
     return {"steps": len(last), "T=1 alpha_per_position": mean["sim_alpha_per_position"],
             "T=0 agreement_per_position": mean["sim_greedy_agreement_per_position"]}

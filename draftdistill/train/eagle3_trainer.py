@@ -173,7 +173,7 @@ def train_eagle3(cfg: DrafterOPDConfig, progress: bool = True) -> dict:
         accept_sums = [0.0] * cfg.ttt_steps
         agree_sums = [0.0] * cfg.ttt_steps
         step_target_tokens = 0
-        chain_tokens = sum(int(plan.sampled.sum()) * plan.chain_tokens for _, plan, _ in micro_batches)
+        chain_tokens = sum(plan.chain_target_tokens() for _, plan, _ in micro_batches)
         for batch, plan, rows in micro_batches:
             scored, target_tokens = ttt_forward(head, target, batch, plan, cfg.rollout_temperature, rows, features,
                                                 reach_weights=cfg.ttt_reach_weights)
@@ -253,12 +253,18 @@ def simulated_acceptance(recent: list[dict], cfg) -> dict | None:
     if not recent:
         return None
     key = "sim_greedy_agreement_per_position" if cfg.eval_temperature == 0 else "sim_alpha_per_position"
-    per_position = []
-    for j in range(min(cfg.ttt_steps, cfg.gamma)):
-        seen = [m[key][j] for m in recent if m[key][j] is not None]
-        per_position.append(sum(seen) / len(seen) if seen else None)
+    per_position = mean_per_position(recent, key, min(cfg.ttt_steps, cfg.gamma))
     return {"of": key, "steps": len(recent), "alpha_per_position": per_position,
             "tau": simulated_tau(per_position, cfg.gamma)}
+
+
+def mean_per_position(rows: list[dict], key: str, positions: int) -> list[float | None]:
+    """Per position, the mean of rows[*][key][j] over the rows that scored it (None: none did)."""
+    means = []
+    for j in range(positions):
+        seen = [row[key][j] for row in rows if row[key][j] is not None]
+        means.append(sum(seen) / len(seen) if seen else None)
+    return means
 
 
 def _rates(values: list) -> str:

@@ -86,6 +86,10 @@ class TTTPlan:
     def counts(self) -> list[int]:
         return [int(v.sum()) for v in self.valid]
 
+    def chain_target_tokens(self) -> int:
+        """Tokens the target runs over to score the sampled chains (beyond the context)."""
+        return int(self.sampled.sum()) * self.chain_tokens
+
 
 def plan_ttt(batch: ContextBatch, steps: int, chain: str, anchors_per_row: int = 0,
              generators: list[torch.Generator] | None = None, chain_tokens: int = 0) -> TTTPlan:
@@ -246,7 +250,7 @@ def ttt_forward(head, target, batch: ContextBatch, plan: TTTPlan, temperature: f
     chain = torch.stack([tokens.gather(1, anchor_pos) for tokens in head_tokens[1: K + 1]], dim=-1)  # [B, A, K]
     with torch.no_grad():
         chain_logits = score_chains(target, out.past_key_values, anchor_pos, chain, L)
-    target_tokens += int(kept.sum()) * K
+    target_tokens += plan.chain_target_tokens()
     reach = chain_reach(head_logits, context_logits, chain_logits, anchor_pos, chain, vocab, temperature) \
         if reach_weights else None
     for j in range(1, K + 1):
