@@ -117,10 +117,10 @@ def plan_ttt(batch: ContextBatch, steps: int, chain: str, anchors_per_row: int =
                 pick = torch.randperm(len(where), generator=generators[row] if generators else None)
                 sampled[row] = False
                 sampled[row, where[pick[:anchors_per_row]]] = True
-    data = [eligible & ~sampled & (t + 1 + j <= lengths - 1) for j in range(steps)]
-    valid = [d | (sampled & (j <= chain_tokens)) for j, d in enumerate(data)]
-    if chain == "sampled":
-        valid = [sampled & (j <= chain_tokens) for j in range(steps)]
+    # Data chains score step j while the context has x_{t+1+j}; `sampled` plans have none (even at
+    # step 0, only their anchors are scored).
+    data = eligible & ~sampled if chain != "sampled" else torch.zeros_like(eligible)
+    valid = [(data & (t + 1 + j <= lengths - 1)) | (sampled & (j <= chain_tokens)) for j in range(steps)]
     device = batch.ids.device
     return TTTPlan(chain, sampled.to(device), [v.to(device) for v in valid], chain_tokens)
 
