@@ -30,14 +30,43 @@ def serve():
 @click.option("--window", default=16, show_default=True,
               help="Requests a new draft version serves before it is kept or rolled back.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
-def serve_embedded(target, drafter, port, gamma, tree_depth, tree_top_k, tree_max_nodes, online, divergence, rejected_only, lr, update_every, window, device):
-    """Start the embedded server: POST /v1/completions, GET /health and /metrics, POST /control/weights."""
+@click.option("--max-tokens-limit", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="Largest max_tokens a request may ask for (400 above it); prompt + max_tokens must also fit "
+                   "the models' context (max_position_embeddings).")
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1),
+              help="Largest request body accepted (413 above it, refused before it is read).")
+@click.option("--read-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a client gets to send a whole request (headers and body; a slow or short body gets "
+                   "408 or a closed connection), and to take the reply.")
+@click.option("--request-timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Wall-clock seconds one generation may take, waiting for the engine included; past it the "
+                   "generation stops between decode rounds and the client gets 503.")
+@click.option("--max-pending", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Generations running or waiting for the engine at once; more get 503 with Retry-After.")
+@click.option("--max-connections", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Connections served at once; more get 503 straight away.")
+@click.option("--backlog", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Listen backlog: connections the kernel queues before the server accepts them.")
+@click.option("--control-token", default=None, envvar="DRAFTDISTILL_CONTROL_TOKEN", show_envvar=True,
+              help="When set, POST /control/weights also needs 'Authorization: Bearer TOKEN' (401 otherwise). "
+                   "Prefer the environment variable: a command line is visible to other local users.")
+def serve_embedded(target, drafter, port, gamma, tree_depth, tree_top_k, tree_max_nodes, online, divergence, rejected_only,
+                   lr, update_every, window, device, max_tokens_limit, max_body_bytes, read_timeout, request_timeout,
+                   max_pending, max_connections, backlog, control_token):
+    """Start the embedded server: POST /v1/completions, GET /health and /metrics, POST /control/weights.
+
+    Every request is bounded (size, read time, tokens, generation time, queue) and every refusal is
+    one line in the log; /control/weights only takes JSON from a loopback Host and Origin."""
+    import logging
+
     from draftdistill.data import stop_token_ids
     from draftdistill.models import default_device, load_drafter, load_target, require_lm_drafter
 
     from .embedded import EmbeddedSpecServer
-    from .http_api import make_http_server
+    from .http_api import Limits, make_http_server
     from .online import OnlineConfig, OnlineDistiller
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     device = device or default_device()
     target_model, tokenizer = load_target(target, device=device)
@@ -47,7 +76,10 @@ def serve_embedded(target, drafter, port, gamma, tree_depth, tree_top_k, tree_ma
     engine = EmbeddedSpecServer(target_model, drafter_model, tokenizer, gamma=gamma,
                                 tree=tree_config(tree_depth, tree_top_k, tree_max_nodes),
                                 eos_token_id=stop_token_ids(tokenizer, target_model))
-    server = make_http_server(engine, port)
+    limits = Limits(max_tokens=max_tokens_limit, max_body_bytes=max_body_bytes, read_timeout=read_timeout,
+                    request_timeout=request_timeout, max_pending=max_pending, max_connections=max_connections,
+                    backlog=backlog, control_token=control_token or None)
+    server = make_http_server(engine, port, limits=limits)
     stop = threading.Event()
     if online:
         distiller = OnlineDistiller(engine, drafter_model, OnlineConfig(divergence=divergence, rejected_only=rejected_only,
