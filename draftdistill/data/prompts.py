@@ -6,26 +6,19 @@ A user file is ``.jsonl`` (one object per line with ``messages``, ``prompt``, ``
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
+import io
 import json
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+
+from .records import Prompt, PromptFileError  # noqa: F401 - re-exported
+from .sharegpt import load_sharegpt
 
 BUNDLED = {"gsm8k": "bundled/gsm8k/train.jsonl"}
 SPLITS = ("train", "heldout", "all")
 HELDOUT_PERCENT = 10
-
-
-class PromptFileError(ValueError):
-    pass
-
-
-@dataclass
-class Prompt:
-    messages: list[dict]  # chat messages ending with the user turn
-    reference: str | None = None  # a dataset response, for off-policy prefixes and answer checks
-    meta: dict = field(default_factory=dict)
 
 
 def split_of(text: str) -> str:
@@ -57,15 +50,29 @@ def row_to_prompt(row, where: str) -> Prompt:
     raise PromptFileError(f"{where}: no 'messages', 'prompt', 'question' or 'text' field (keys: {sorted(row)})")
 
 
+def read_text_file(path: Path) -> str:
+    """The file as UTF-8 text (a leading byte-order mark dropped); PromptFileError naming the file,
+    line and column of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise PromptFileError(f"{path}:{line}: not UTF-8 text (byte {data[e.start:e.start + 1]!r} at column "
+                              f"{column}); save the file as UTF-8") from None
+
+
 def read_prompt_file(path: Path) -> list[Prompt]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     if path.suffix == ".txt":
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_text_file(path).splitlines()
         return [Prompt([{"role": "user", "content": line}]) for line in lines if line.strip()]
     if path.suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(read_text_file(path))
         except json.JSONDecodeError as e:
             raise PromptFileError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
         if not isinstance(rows, list):
@@ -74,7 +81,7 @@ def read_prompt_file(path: Path) -> list[Prompt]:
     if path.suffix != ".jsonl":
         raise PromptFileError(f"{path}: unsupported prompt file type (use .jsonl, .json or .txt)")
     prompts = []
-    with path.open(encoding="utf-8") as f:
+    with io.StringIO(read_text_file(path), newline=None) as f:  # newlines as open() reads them
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -102,8 +109,6 @@ def load_prompts(source: str = "gsm8k", split: str = "all", limit: int | None = 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
     if name == "sharegpt" and not Path(source).exists():
-        from .sharegpt import load_sharegpt
-
         return load_sharegpt(split, limit, split_of)
     path = bundled_path(name) if name in BUNDLED else Path(source).expanduser()
     prompts = read_prompt_file(path)

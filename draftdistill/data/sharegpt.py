@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from .prompts import Prompt, PromptFileError
+from .records import Prompt, PromptFileError
 
 MAX_PROMPT_CHARS = 2000  # long pasted documents make poor prompts for a short benchmark
 MIN_PROMPT_CHARS = 16  # "continue", "explain more": follow-ups without their conversation

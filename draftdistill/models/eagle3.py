@@ -31,7 +31,7 @@ captures without an eagle_config and what SpecForge trains on: outputs of layers
 i.e. transformers' ``output_hidden_states`` entries 2, N//2, N-3 (entry 0 is the embeddings, entry i
 the output of layer i-1; the last entry N is after the final norm, so layer N-1 is not available).
 vLLM/speculators number the same states differently (the input of layer id): see
-serving/export_eagle3.py.
+draftdistill/export/eagle3.py.
 """
 from __future__ import annotations
 
@@ -336,6 +336,8 @@ def load_eagle3_head(directory: str | Path, target) -> Eagle3Head:
     naming); the embedding comes from the checkpoint if it has one, else it is the target's (shared)."""
     from safetensors.torch import load_file
 
+    from .loading import check_safetensors_file
+
     directory = Path(directory)
     config = LlamaConfig.from_pretrained(directory)
     if not getattr(config, "eagle_config", None):  # SGLang's default capture when none is given
@@ -347,6 +349,7 @@ def load_eagle3_head(directory: str | Path, target) -> Eagle3Head:
     check_aux_layer_ids(config.eagle_config["eagle_aux_hidden_state_layer_ids"], target.config.num_hidden_layers)
     state = {}
     for file in sorted(directory.glob("*.safetensors")):
+        check_safetensors_file(file)  # a truncated file is named, not a bare SafetensorError
         state.update({k.replace("midlayer.", "layers.0."): v for k, v in load_file(str(file)).items()})
     state["t2d"] = state["t2d"].bool()
     head = Eagle3Head(config)

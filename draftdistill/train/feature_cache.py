@@ -37,7 +37,12 @@ class FeatureCache:
         meta = self.directory / "meta.json"
         if not meta.is_file():
             write_atomically(meta, lambda tmp: Path(tmp).write_text(json.dumps(self.identity, indent=1)))
-        stored = json.loads(meta.read_text())
+        try:
+            stored = json.loads(meta.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            where = f"{meta}:{e.lineno}:{e.colno}" if isinstance(e, json.JSONDecodeError) else str(meta)
+            raise ValueError(f"{where}: unreadable feature cache identity ({e}): point feature_cache at another "
+                             f"directory, or remove {self.directory}") from None
         if stored != self.identity:
             raise ValueError(f"feature cache {self.directory} holds features of {stored}, this run needs "
                              f"{self.identity}: point feature_cache at another directory")
