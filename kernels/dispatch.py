@@ -2,16 +2,20 @@
 
     fused_divergence("jsd", student_logits, teacher, mask, temperature=1.0, beta=0.9)
 
-Each divergence maps to a kernel module with `supports(teacher, params)` and `loss_and_grad(...)`
-(per-row loss and the already-scaled gradient). Whatever a kernel does not cover - float64,
-a teacher form it does not take, tensors it cannot run on - goes to the reference function, which
+A divergence's registry entry names its kernel module (`Divergence.kernel`), which has
+`supports(shape, teacher, params)` and `loss_and_grad(...)` (per-row loss and the already-scaled
+gradient). Whatever a kernel does not cover - a reference-only divergence (no kernel), float64, a
+teacher form it does not take, tensors it cannot run on - goes to the reference function, which
 also raises the reference's errors for invalid inputs. `register()` fills
-`draftdistill.losses.FUSED_KERNELS`, which the registry uses for CUDA tensors.
+`draftdistill.losses.FUSED_KERNELS` for `kernel_divergences()`; the registry uses it for CUDA
+tensors.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -19,14 +23,17 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from draftdistill.losses.reduce import check_reduction, position_mask, reduce_loss
-from draftdistill.losses.registry import DIVERGENCES, FUSED_KERNELS, resolve_params
+from draftdistill.losses.registry import (DIVERGENCES, FUSED_KERNELS, _lookup, kernel_divergences,
+                                          resolve_params)
 from draftdistill.losses.teacher import check_temperature
 
-from . import logits_divergence, sampled_rkl, topk_tail
 from ._common import as_rows, flatten_teacher, kernels_can_run
 
-OPS = {**{name: logits_divergence for name in logits_divergence.NAMES},
-       "topk_tail": topk_tail, "sampled_rkl": sampled_rkl}
+
+def kernel_module(name: str) -> ModuleType | None:
+    """The kernel module the registry names for divergence `name`; None when it is reference-only."""
+    module = _lookup(name).kernel
+    return None if module is None else importlib.import_module(module)
 
 
 class FusedLoss(torch.autograd.Function):
@@ -64,8 +71,9 @@ def fused_divergence(name: str, student_logits: Tensor, teacher, mask: Tensor | 
     spec, params = resolve_params(name, params)
     check_temperature(temperature)
     check_reduction(reduction)
-    op = OPS[name]
-    if not (kernels_can_run(student_logits) and op.supports(student_logits.shape, teacher, params)):
+    op = kernel_module(name)
+    if op is None or not (kernels_can_run(student_logits)
+                          and op.supports(student_logits.shape, teacher, params)):
         return spec.fn(student_logits, teacher, mask=mask, temperature=temperature,
                        reduction=reduction, **params)
     lead = student_logits.shape[:-1]
@@ -80,9 +88,9 @@ def fused_divergence(name: str, student_logits: Tensor, teacher, mask: Tensor | 
 
 
 def register() -> None:
-    """Put one fused function per divergence into FUSED_KERNELS (used on CUDA tensors); an
-    entry already there (a user's own kernel) is kept."""
-    for name in DIVERGENCES:
-        if name in OPS:
-            FUSED_KERNELS.setdefault(name, functools.wraps(DIVERGENCES[name].fn)(
-                functools.partial(fused_divergence, name)))
+    """Put one fused function per divergence with a kernel into FUSED_KERNELS (used on CUDA
+    tensors); reference-only divergences get none, and an entry already there (a user's own
+    kernel) is kept."""
+    for name in kernel_divergences():
+        FUSED_KERNELS.setdefault(name, functools.wraps(DIVERGENCES[name].fn)(
+            functools.partial(fused_divergence, name)))

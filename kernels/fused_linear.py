@@ -67,10 +67,10 @@ def default_chunk_size(N: int, H: int, V: int) -> int:
 def _chunk_loss_and_grad(name, logits, teacher, keep, temperature, params, scale, need_grad,
                          block_size):
     """Rows of loss and scale * dL/dlogits for one chunk; the gradient overwrites `logits`."""
-    from .dispatch import OPS  # imports triton; only needed once a chunk runs
+    from .dispatch import kernel_module  # imports triton; only needed once a chunk runs
 
-    op = OPS[name]
-    if kernels_can_run(logits) and op.supports(logits.shape, teacher, params):
+    op = kernel_module(name)
+    if op is not None and kernels_can_run(logits) and op.supports(logits.shape, teacher, params):
         return op.loss_and_grad(name, logits, teacher, keep, temperature, params, scale,
                                 need_grad, out=logits, block_size=block_size)
     spec = _lookup(name)

@@ -41,7 +41,8 @@ from ._common import launch_config
 FKL, RKL, JSD, TVD, SKEW_FKL, SKEW_RKL, NONE = 0, 1, 2, 3, 4, 5, -1
 _LOG_ZERO = tl.constexpr(LOG_ZERO)  # log 0 stand-in, as the reference's finite_log
 STATS = 8  # floats per row: lse_q, lse_p, -G_fkl, L1, G1, L2, G2, unused
-NAMES = ("fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "neg_log_acceptance", "lk")
+# Which divergences use this kernel is the registry's business (Divergence.kernel); here is only
+# how each is built from the elementary ones (_kinds, kind_pairs).
 
 
 @triton.jit
@@ -194,6 +195,10 @@ def _grad_kernel(x_ptr, t_ptr, keep_ptr, stats_ptr, coef_ptr, grad_ptr, loss_ptr
             tl.store(g_row + offs, zero.to(grad_ptr.dtype.element_ty), mask=offs < V)
 
 
+_PLAIN = {"fkl": (FKL, NONE), "rkl": (RKL, NONE), "tvd": (TVD, NONE),
+          "neg_log_acceptance": (TVD, NONE), "lk": (FKL, TVD)}
+
+
 def _kinds(name: str, params: dict) -> tuple[int, int, float]:
     """(first, second elementary divergence, their parameter w) for a public divergence; the
     end points the reference special-cases (jsd beta 0 / 1, skew alpha 0) are plain KLs."""
@@ -206,8 +211,40 @@ def _kinds(name: str, params: dict) -> tuple[int, int, float]:
         if alpha == 0.0:
             return (FKL if fwd else RKL), NONE, 0.0
         return (SKEW_FKL if fwd else SKEW_RKL), NONE, alpha
-    return {"fkl": (FKL, NONE, 0.0), "rkl": (RKL, NONE, 0.0), "tvd": (TVD, NONE, 0.0),
-            "neg_log_acceptance": (TVD, NONE, 0.0), "lk": (FKL, TVD, 0.0)}[name]
+    if name not in _PLAIN:
+        raise ValueError(f"divergence {name!r} names the logits_divergence kernel, which does not "
+                         f"implement it (it knows {', '.join(['jsd', 'skew_fkl', 'skew_rkl', *_PLAIN])})")
+    return (*_PLAIN[name], 0.0)
+
+
+def kind_pairs(name: str) -> list[tuple[int, int]]:
+    """Every (KIND1, KIND2) a launch for `name` may use, whatever its parameters."""
+    ends = {"jsd": [{"beta": 0.0}, {"beta": 1.0}, {"beta": 0.5}],
+            "skew_fkl": [{"alpha": 0.0}, {"alpha": 0.5}], "skew_rkl": [{"alpha": 0.0}, {"alpha": 0.5}]}
+    return [_kinds(name, params)[:2] for params in ends.get(name, [{}])]
+
+
+def compile_variants(names, dtype: str, BLOCK: int):
+    """(label, kernel, signature, constexprs) of every launch the divergences `names` may make
+    with `dtype` logits (kernels/compile_check.py compiles them)."""
+    pairs = sorted({pair for name in names for pair in kind_pairs(name)})
+    params = {"w": "fp32", "log_w": "fp32", "log_1mw": "fp32"}
+    for k1, k2 in pairs:
+        sig = {"x_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "keep_ptr": "*i8", "stats_ptr": "*fp32",
+               "V": "i32", "x_stride": "i64", "t_stride": "i64", "inv_T": "fp32", **params,
+               "KIND1": "constexpr", "KIND2": "constexpr", "SUMS": "constexpr",
+               "BLOCK": "constexpr"}
+        for sums in (True, False):
+            yield (f"stats {dtype} kinds={k1},{k2} sums={sums}", _stats_kernel, sig,
+                   {"KIND1": k1, "KIND2": k2, "SUMS": sums, "BLOCK": BLOCK})
+        sig = {"x_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "keep_ptr": "*i8", "stats_ptr": "*fp32",
+               "coef_ptr": "*fp32", "grad_ptr": f"*{dtype}", "loss_ptr": "*fp32", "V": "i32",
+               "x_stride": "i64", "t_stride": "i64", "g_stride": "i64", "inv_T": "fp32",
+               **params, "KIND1": "constexpr", "KIND2": "constexpr", "LOSS": "constexpr",
+               "BLOCK": "constexpr"}
+        for loss in (True, False):
+            yield (f"grad {dtype} kinds={k1},{k2} loss={loss}", _grad_kernel, sig,
+                   {"KIND1": k1, "KIND2": k2, "LOSS": loss, "BLOCK": BLOCK})
 
 
 def supports(shape: torch.Size, teacher, params: dict) -> bool:

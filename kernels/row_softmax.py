@@ -96,3 +96,18 @@ def scaled_softmax(x: Tensor, keep: Tensor, lse: Tensor, coef: Tensor, temperatu
                                  grad.stride(0), 1.0 / temperature, BLOCK=BLOCK,
                                  num_warps=warps)
     return grad
+
+
+def compile_variants(dtype: str, BLOCK: int, has_ids=(True, False)):
+    """(label, kernel, signature, constexprs) of row_lse (with / without ids) and scaled_softmax
+    launches on `dtype` logits (kernels/compile_check.py compiles them)."""
+    scalars = {"V": "i32", "inv_T": "fp32"}
+    for ids in has_ids:
+        sig = {"x_ptr": f"*{dtype}", "ids_ptr": "*i64", "keep_ptr": "*i8", "out_ptr": "*fp32",
+               "K": "i32", "x_stride": "i64", **scalars, "HAS_IDS": "constexpr",
+               "BLOCK": "constexpr"}
+        yield f"row_lse {dtype} ids={ids}", _lse_kernel, sig, {"HAS_IDS": ids, "BLOCK": BLOCK}
+    sig = {"x_ptr": f"*{dtype}", "keep_ptr": "*i8", "lse_ptr": "*fp32", "coef_ptr": "*fp32",
+           "grad_ptr": f"*{dtype}", "x_stride": "i64", "g_stride": "i64", **scalars,
+           "BLOCK": "constexpr"}
+    yield f"scaled_softmax {dtype}", _scaled_softmax_kernel, sig, {"BLOCK": BLOCK}

@@ -16,7 +16,13 @@ from torch import Tensor
 from draftdistill.losses.sampled import clipped_policy_loss, sampled_token_advantage
 from draftdistill.losses.teacher import LOG_ZERO, TeacherTokenLogProbs
 
+from . import row_softmax
 from .row_softmax import row_lse, scaled_softmax
+
+
+def compile_variants(names, dtype: str, BLOCK: int):
+    """The row kernels this divergence launches (kernels/compile_check.py compiles them)."""
+    return row_softmax.compile_variants(dtype, BLOCK, has_ids=(False,))
 
 
 def supports(shape: torch.Size, teacher, params: dict) -> bool:

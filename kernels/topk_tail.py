@@ -24,7 +24,13 @@ from torch import Tensor
 from draftdistill.losses.teacher import LOG_ZERO, TeacherTopK, finite_log
 from draftdistill.losses.topk import BASES
 
+from . import row_softmax
 from .row_softmax import row_lse, scaled_softmax
+
+
+def compile_variants(names, dtype: str, BLOCK: int):
+    """The row kernels this divergence launches (kernels/compile_check.py compiles them)."""
+    return row_softmax.compile_variants(dtype, BLOCK, has_ids=(True,))
 
 
 def supports(shape: torch.Size, teacher, params: dict) -> bool:

@@ -21,14 +21,16 @@ class FinishedRequest:
     prompt_ids: list[int]
     output_ids: list[int]
     weight_version: str = "default"  # draft weights the server used for it
-    verify_steps: int | None = None  # target forwards spent decoding it (SGLang: meta_info spec_verify_ct)
+    verify_steps: int | None = None  # target forwards that verified drafts (SGLang: meta_info spec_verify_ct;
+    # a prefill that drafted nothing does not count)
     finished_at: float = 0.0  # time.time() when it finished
     meta: dict = field(default_factory=dict)
 
     @property
     def accept_length(self) -> float | None:
-        """Tokens emitted per target forward (tau) over this request, when the server reports it;
-        SGLang's spec_accept_length is the same ratio (completion_tokens / spec_verify_ct)."""
+        """Tokens emitted per verify step over this request, when the server reports it: SGLang's
+        spec_accept_length (completion_tokens / spec_verify_ct), which the embedded server reports the
+        same way (its verify steps leave out an EAGLE-3 prefill that drafted nothing)."""
         if not self.verify_steps:
             return None
         return len(self.output_ids) / self.verify_steps

@@ -167,7 +167,7 @@ class EmbeddedSpecServer:
             self._decoding.should_stop = None
             self.lock.release()
         request = FinishedRequest(rid or uuid.uuid4().hex, list(prompt_ids), tokens.tolist(), version,
-                                  verify_steps=stats.target_calls, finished_at=time.time(),
+                                  verify_steps=stats.verify_steps, finished_at=time.time(),
                                   meta={"spec": stats.to_dict(), "temperature": temperature, "top_p": top_p})
         self.log.append(request)
         return request

@@ -8,14 +8,16 @@ import torch.nn.functional as F
 
 from draftdistill.losses import (DIVERGENCES, FUSED_KERNELS, TeacherLogProbs,
                                  TeacherTokenLogProbs, TeacherTopK, acceptance_rate, divergence,
-                                 fkl, get_divergence, jsd, lk, neg_log_acceptance,
-                                 parse_divergence, rkl, sampled_rkl, sampled_token_advantage,
-                                 skew_fkl, skew_rkl, teacher_log_probs, topk_tail, tvd)
+                                 divergence_names, fkl, get_divergence, jsd, kernel_divergences,
+                                 lk, make_divergence, neg_log_acceptance, parse_divergence, rkl,
+                                 sampled_rkl, sampled_token_advantage, skew_fkl, skew_rkl,
+                                 teacher_log_probs, topk_tail, tvd)
+from draftdistill.spec_strings import format_spec, parse_spec
 
 ln = math.log
 P = [0.5, 0.3, 0.2]  # teacher
 Q = [0.2, 0.5, 0.3]  # student
-FULL = ["fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "neg_log_acceptance", "lk"]
+FULL = list(divergence_names("full"))  # the contract tests below run over every registered one
 SMOOTH = ["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl"]  # TVD-based ones have |.| kinks
 
 
@@ -393,7 +395,12 @@ def test_topk_tail_peaked_teacher_stays_finite():
 
 
 def test_registry_contents():
-    assert set(DIVERGENCES) == set(FULL) | {"topk_tail", "sampled_rkl"}
+    assert divergence_names() == tuple(DIVERGENCES)
+    assert {"fkl", "rkl", "jsd", "tvd", "lk"} <= set(FULL)
+    for name, d in DIVERGENCES.items():
+        assert d.name == name and d.needs in ("full", "topk", "token")
+        assert d.kernel is None or d.kernel.startswith("draftdistill.kernels.")
+    assert set(kernel_divergences()) <= set(divergence_names())
     assert DIVERGENCES["jsd"].defaults == {"beta": 0.5}
     assert DIVERGENCES["lk"].defaults["eta"] == 3.0
     assert DIVERGENCES["topk_tail"].needs == "topk"
@@ -414,6 +421,45 @@ def test_parse_divergence():
                 "topk_tail:k=0", "skew_fkl:alpha=1", "sampled_rkl:clip=1.5"]:
         with pytest.raises(ValueError):
             parse_divergence(bad)
+
+
+def test_spec_grammar_is_shared_and_typed():
+    assert parse_spec("opd:clip=none,reward_scale=1.25,importance_sampling=False,eps=1e-3") == (
+        "opd", {"clip": None, "reward_scale": 1.25, "importance_sampling": False, "eps": 1e-3})
+    assert parse_spec("  x ") == ("x", {}) and parse_spec("x:") == ("x", {})
+    assert parse_spec("x:k=20,base=rkl,") == ("x", {"k": 20, "base": "rkl"})
+    assert parse_spec(format_spec("jsd", {"beta": 0.5, "b": True, "c": None})) == (
+        "jsd", {"beta": 0.5, "b": True, "c": None})
+    for bad, says in [("", "expected a name"), (":beta=1", "expected a name"),
+                      ("jsd:beta", "expected key=value"), ("jsd:=1", "expected key=value"),
+                      ("jsd:beta=", "expected key=value"), ("jsd:beta=1,beta=2", "given twice"),
+                      ("jsd:be-ta=1", "parameter name"), ("js d", "expected a name")]:
+        with pytest.raises(ValueError, match=says) as err:
+            parse_spec(bad, "divergence")
+        assert repr(bad) in str(err.value) and "divergence" in str(err.value)
+    # The divergence parser is this grammar plus the registry's checks, and names the spec.
+    with pytest.raises(ValueError, match=r"'jsd:beta=2'.*beta"):
+        parse_divergence("jsd:beta=2")
+    with pytest.raises(ValueError, match=r"'kl:beta=1'.*unknown divergence 'kl'; known: fkl"):
+        parse_divergence("kl:beta=1")
+
+
+def test_a_reference_only_divergence_is_registered_like_any_other(monkeypatch):
+    def half_tvd(student_logits, teacher, mask=None, temperature=1.0, reduction="mean",
+                 weight: float = 0.5):
+        return weight * tvd(student_logits, teacher, mask=mask, temperature=temperature,
+                            reduction=reduction)
+
+    monkeypatch.setitem(DIVERGENCES, "half_tvd", make_divergence("half_tvd", half_tvd, "full"))
+    assert "half_tvd" in divergence_names("full") and "half_tvd" not in kernel_divergences()
+    assert DIVERGENCES["half_tvd"].defaults == {"weight": 0.5}
+    assert parse_divergence("half_tvd:weight=0.2") == ("half_tvd", {"weight": 0.2})
+    s, t = rand_logits(3, 5, seed=40), rand_logits(3, 5, seed=41)
+    torch.testing.assert_close(get_divergence("half_tvd", weight=0.2)(s, t), 0.2 * tvd(s, t))
+    with pytest.raises(TypeError, match="must start with"):
+        make_divergence("bad", lambda logits, teacher: logits, "full")
+    with pytest.raises(ValueError, match="needs"):
+        make_divergence("bad", half_tvd, "logits")
 
 
 def test_get_divergence_binds_and_validates():

@@ -1,5 +1,6 @@
-"""The acceptance harness: run the lossless decoder over prompts and aggregate alpha, tau, tokens/s,
-beside target-only decoding of the same prompts for the speedup."""
+"""The acceptance harness: run the lossless decoder over prompts and aggregate alpha, tau (tokens per
+target call), the peers' accept length (1 + accepted drafts per verify step) and tokens/s, beside
+target-only decoding of the same prompts for the speedup."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,9 @@ def evaluate_drafter(target, drafter, prompt_ids: list[torch.Tensor], *, gamma: 
                      sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 64,
                      eos_token_id=None, seed: int = 0, baseline: bool = True, progress: bool = True,
                      tree: TreeConfig | None = None) -> dict:
-    """Return a JSON-able report: speculative stats, target-only stats and the speedup. With `tree`,
-    the decoder drafts EAGLE-2 trees instead of chains of gamma tokens."""
+    """Return a JSON-able report: speculative stats (SpecStats.to_dict: alpha per position, tau,
+    accept_length, ...), target-only stats and the speedup. With `tree`, the decoder drafts EAGLE-2
+    trees instead of chains of gamma tokens."""
     started = time.perf_counter()
     spec = speculative_stats(target, drafter, prompt_ids, gamma=gamma, sampling=sampling, max_new_tokens=max_new_tokens,
                              eos_token_id=eos_token_id, seed=seed, progress=progress, tree=tree)

@@ -3,12 +3,13 @@
 Per divergence and vocabulary size, every arm computes the loss of [tokens, vocab] student
 logits against the teacher and backpropagates to the logits:
 
-    fused     draftdistill.kernels (the registry's CUDA path)
+    fused     draftdistill.kernels (the registry's CUDA path; none for a reference-only divergence)
     eager     the PyTorch reference in draftdistill.losses
     compile   torch.compile of that reference
     liger     Liger-Kernel where it has the op (JSD, forward KL, fused linear JSD), if importable
 
 and reports the median time of `repeats` runs and the peak memory allocated beyond the inputs.
+The divergences are the registry's: by default those with a kernel (`kernel_divergences()`).
 The bandwidth floor is 3 x tokens x vocab x bytes (read student and teacher logits, write the
 gradient) at the copy bandwidth measured on the same GPU. Fused linear rows add the
 lm_head matmul: hidden states [tokens, hidden] x weight [vocab, hidden] for student and teacher.
@@ -28,37 +29,62 @@ from typing import Callable
 
 import torch
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "neg_log_acceptance", "lk", "topk_tail",
-               "sampled_rkl")
 ARMS = ("fused", "eager", "compile", "liger")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOPK = 20
 
 
+def default_divergences() -> tuple[str, ...]:
+    """What is timed unless told otherwise: every registered divergence with a kernel."""
+    from draftdistill.losses import kernel_divergences
+
+    return kernel_divergences()
+
+
+def check_divergences(names) -> list[str]:
+    """`names` as a list, refused (ValueError naming the registry's) when one is not registered."""
+    from draftdistill.losses import divergence_names
+
+    names = list(names)
+    unknown = [n for n in names if n not in divergence_names()]
+    if unknown:
+        raise ValueError(f"unknown divergences {unknown}; known: {', '.join(divergence_names())}")
+    return names
+
+
+def has_kernel(name: str) -> bool:
+    from draftdistill.losses import DIVERGENCES
+
+    return DIVERGENCES[name].kernel is not None
+
+
 def make_inputs(name: str, tokens: int, vocab: int, dtype: torch.dtype, device, seed: int = 0):
-    """Student logits (leaf, requires grad) and the teacher form the divergence takes."""
-    from draftdistill.losses import TeacherTokenLogProbs, TeacherTopK
+    """Student logits (leaf, requires grad) and the teacher form the divergence takes (its
+    registry entry's `needs`: full logits, top-k, or sampled-token log-probs)."""
+    from draftdistill.losses import DIVERGENCES, TeacherTokenLogProbs, TeacherTopK
 
     g = torch.Generator(device=device).manual_seed(seed)
     student = (torch.randn(tokens, vocab, generator=g, device=device) * 2).to(dtype)
     teacher = (torch.randn(tokens, vocab, generator=g, device=device) * 2).to(dtype)
-    if name == "topk_tail":
-        top, ids = teacher.float().log_softmax(-1).topk(TOPK, dim=-1)
+    needs = DIVERGENCES[name].needs
+    if needs == "topk":
+        top, ids = teacher.float().log_softmax(-1).topk(min(TOPK, vocab), dim=-1)
         teacher = TeacherTopK(ids, top)
-    elif name == "sampled_rkl":
+    elif needs == "token":
         ids = torch.randint(0, vocab, (tokens,), generator=g, device=device)
         teacher = TeacherTokenLogProbs(ids, -3 * torch.rand(tokens, generator=g, device=device))
     return student.requires_grad_(True), teacher
 
 
 def make_arms(name: str, arms, block_size: int | None = None) -> dict[str, Callable]:
-    """arm -> fn(student, teacher) returning the loss, for the arms that exist for `name`."""
+    """arm -> fn(student, teacher) returning the loss, for the arms that exist for `name` (no
+    fused arm for a reference-only divergence)."""
     from draftdistill.kernels import fused_divergence
     from draftdistill.losses import DIVERGENCES as REFS
 
     ref = REFS[name].fn
     out: dict[str, Callable] = {}
-    if "fused" in arms:
+    if "fused" in arms and has_kernel(name):
         out["fused"] = lambda s, t: fused_divergence(name, s, t, block_size=block_size)
     if "eager" in arms:
         out["eager"] = ref
@@ -171,13 +197,13 @@ def fused_linear_rows(tokens: int, vocab: int, hidden: int, dtype, arms, repeats
 def run_kernel_benchmark(tokens: int, vocab: int, divergences, dtype: torch.dtype, arms,
                          repeats: int = 20, warmup: int = 3, hidden: int = 0,
                          block_size: int | None = None, progress: bool = True) -> dict:
-    """All rows for one vocabulary size (needs CUDA)."""
+    """All rows for one vocabulary size (needs CUDA); divergences None: default_divergences()."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench kernels needs a CUDA GPU; use --interpret for a CPU smoke run")
     bw = copy_bandwidth()
     floor_ms = 3 * tokens * vocab * torch.finfo(dtype).bits / 8 / bw * 1e3
     rows = []
-    for name in divergences:
+    for name in check_divergences(default_divergences() if divergences is None else divergences):
         for arm, fn in make_arms(name, arms, block_size).items():
             row = {"divergence": name, "arm": arm,
                    **time_fwd_bwd(fn, lambda: make_inputs(name, tokens, vocab, dtype, "cuda"),
@@ -193,10 +219,12 @@ def run_kernel_benchmark(tokens: int, vocab: int, divergences, dtype: torch.dtyp
             "copy_bandwidth_gb_s": bw / 1e9, "bandwidth_floor_ms": floor_ms, "rows": rows}
 
 
-def smoke(divergences=DIVERGENCES, tokens: int = 6, vocab: int = 100,
+def smoke(divergences=None, tokens: int = 6, vocab: int = 100,
           block_size: int = 32) -> list[dict]:
     """Tiny CPU run of the fused path (TRITON_INTERPRET=1 must be set before this module's
-    first kernel import): loss and gradient against the reference, no timings."""
+    first kernel import): loss and gradient against the reference, no timings. divergences:
+    default every one with a kernel; a reference-only one gets a row that says so (nothing to
+    compare)."""
     from draftdistill.kernels import (TeacherHidden, fused_divergence, fused_linear_divergence,
                                       linear_divergence_reference)
     from draftdistill.kernels._common import INTERPRET
@@ -205,7 +233,10 @@ def smoke(divergences=DIVERGENCES, tokens: int = 6, vocab: int = 100,
     if not INTERPRET:
         raise RuntimeError("smoke() needs TRITON_INTERPRET=1 set before the kernels are imported")
     results = []
-    for name in divergences:
+    for name in check_divergences(default_divergences() if divergences is None else divergences):
+        if not has_kernel(name):
+            results.append({"divergence": name, "reference_only": True})
+            continue
         s, t = make_inputs(name, tokens, vocab, torch.float32, "cpu")
         ours = fused_divergence(name, s, t, block_size=block_size)
         (g_ours,) = torch.autograd.grad(ours, s)
@@ -230,14 +261,19 @@ def main(argv=None) -> int:
                                                  "(TRITON_INTERPRET=1); see `draftdistill "
                                                  "bench kernels` for the GPU benchmark.")
     parser.add_argument("--smoke", action="store_true", required=True)
-    parser.add_argument("--divergences", default=",".join(DIVERGENCES))
+    parser.add_argument("--divergences", default=None,
+                        help="comma-separated; default: every registered divergence with a kernel")
     parser.add_argument("--tokens", type=int, default=6)
     parser.add_argument("--vocab", type=int, default=100)
     args = parser.parse_args(argv)
-    results = smoke(args.divergences.split(","), args.tokens, args.vocab)
+    names = args.divergences.split(",") if args.divergences else None
+    results = smoke(names, args.tokens, args.vocab)
     ok = True
     print(f"{'divergence':<20} {'|loss - ref|':>13} {'max|grad - ref|':>16}")
     for r in results:
+        if r.get("reference_only"):
+            print(f"{r['divergence']:<20} reference only: no kernel to check")
+            continue
         good = r["loss_error"] <= 1e-4 and r["grad_error"] <= 1e-5
         ok &= good
         print(f"{r['divergence']:<20} {r['loss_error']:>13.2e} {r['grad_error']:>16.2e}"

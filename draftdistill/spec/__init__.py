@@ -3,7 +3,7 @@
     from draftdistill.spec import SamplingConfig, speculative_generate, target_generate
     tokens, stats = speculative_generate(target, drafter, input_ids, 128, gamma=4,
                                          sampling=SamplingConfig(temperature=0.7, top_p=0.9))
-    stats.alpha_per_position, stats.tau, stats.tokens_per_second
+    stats.alpha_per_position, stats.tau, stats.accept_length, stats.tokens_per_second
     # EAGLE-2 draft trees instead of chains:
     tokens, stats = speculative_generate(target, drafter, input_ids, 128, tree=TreeConfig(depth=5, top_k=4))
 """

@@ -16,12 +16,14 @@ committed, i.e. len(seq) - 1 tokens once the next token is appended:
   - target: it processed seq_old + d_1..d_g  -> crop to len(seq) - 1.
   - drafter: it processed seq_old + d_1..d_{g-1} -> crop to len(seq) - 1 if it holds more; when all g
     drafts were accepted it never saw d_g, so it is one short and is fed [d_g, next] next round.
-Hence tau = new_tokens / target_calls exactly.
+Hence tau = new_tokens / target_calls exactly. The peers' accept length (metrics.py) counts only the
+rounds that verified at least one draft: 1 + accepted / verify_steps.
 
 Drafting lives in drafting.py (a session per call): a causal-LM drafter keeps the cache described
 above; an EAGLE-3 head reads the target's hidden states instead, which the verify forward returns
 and `commit` hands over for the committed positions. Its first round proposes nothing: the
-target's first forward is then the prefill that gives the head its first features.
+target's first forward is then the prefill that gives the head its first features (a target call,
+so in tau, but no verify step, so not in accept_length).
 """
 from __future__ import annotations
 
@@ -33,28 +35,10 @@ from .drafting import start_drafting
 from .kv import forward, new_cache, rollback
 from .metrics import SpecStats
 from .sampling import SamplingConfig, logits_to_probs, sample_token
+from .sequence import check_input, cut_at_eos, eos_set
 from .tree import TreeConfig
+from .tree_decoder import tree_speculative_generate
 from .verify import verify
-
-
-def _eos_set(eos_token_id: int | list[int] | None) -> set[int]:
-    if eos_token_id is None:
-        return set()
-    if isinstance(eos_token_id, int):
-        return {eos_token_id}
-    return {int(t) for t in eos_token_id}
-
-
-def cut_at_eos(emitted: list[int], eos: set[int]) -> tuple[list[int], bool]:
-    """The round's tokens up to and including the first eos, and whether there was one."""
-    hit = next((i for i, t in enumerate(emitted) if t in eos), None)
-    return (emitted, False) if hit is None else (emitted[: hit + 1], True)
-
-
-def _check_input(input_ids: torch.Tensor) -> list[int]:
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [1, P] with P >= 1, got {tuple(input_ids.shape)}")
-    return input_ids[0].tolist()
 
 
 @torch.inference_mode()
@@ -76,15 +60,13 @@ def speculative_generate(
     an EAGLE-2 tree instead of a chain of gamma tokens (tree_decoder.py).
     """
     if tree is not None:
-        from .tree_decoder import tree_speculative_generate
-
         return tree_speculative_generate(target, drafter, input_ids, max_new_tokens, tree, sampling, eos_token_id,
                                          generator)
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
     device = input_ids.device
-    eos = _eos_set(eos_token_id)
-    seq = _check_input(input_ids)  # committed tokens: prompt + emitted
+    eos = eos_set(eos_token_id)
+    seq = check_input(input_ids)  # committed tokens: prompt + emitted
     prompt_len = len(seq)
     target_cache = new_cache(target)
     drafting = start_drafting(drafter, device)  # the drafter's own cache and state for this sequence
@@ -140,8 +122,8 @@ def target_generate(
 ) -> tuple[torch.Tensor, SpecStats]:
     """Plain autoregressive decoding with a KV cache and the same sampling: the speedup baseline."""
     device = input_ids.device
-    eos = _eos_set(eos_token_id)
-    feed = _check_input(input_ids)
+    eos = eos_set(eos_token_id)
+    feed = check_input(input_ids)
     cache = new_cache(target)
     stats = SpecStats.empty(0)
     new_tokens: list[int] = []

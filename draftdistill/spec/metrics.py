@@ -1,4 +1,4 @@
-"""Counters for speculative decoding: acceptance per draft position, tau, throughput.
+"""Counters for speculative decoding: acceptance per draft position, tau, accept length, throughput.
 
 Per draft position i (0-based), summed over rounds:
   proposed[i]  drafts at position i put to the verifier, i.e. all earlier drafts in the block were
@@ -9,6 +9,16 @@ overall alpha = sum(accepted) / sum(proposed) estimates 1 - TVD(p, q) averaged o
 chains; with draft trees, position i is depth i + 1: proposed when the accepted path reached a
 node at depth i that has children, accepted when one of them is accepted).
 Drafts thrown away behind a rejection still cost a drafter forward: drafter_calls - sum(proposed).
+
+Two per-step numbers, both reported:
+  tau            new_tokens / target_calls: tokens per target forward, every forward counted (the
+                 EAGLE-3 prefill, which drafts nothing, and a last forward left no room to draft).
+                 What the target's cost per token is.
+  accept_length  1 + sum(accepted) / verify_steps, verify_steps = target forwards that verified at
+                 least one draft: the peers' number (SGLang's spec_accept_length, vLLM's mean
+                 acceptance length), the same for every drafter kind, so an EAGLE-3 head is not
+                 charged for its prefill against an LM drafter. A target as its own drafter at
+                 gamma = k, greedy, gives exactly k + 1 (when every round has room for k drafts).
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ class SpecStats:
     accepted: list[int] = field(default_factory=list)
     target_calls: int = 0  # target forwards, one per round (the tree decoder feeds the prompt in a causal
     #                        forward of its own first); one per token for the baseline
+    verify_steps: int = 0  # target forwards that verified at least one draft (not the EAGLE-3 prefill)
     drafter_calls: int = 0  # drafter forwards (one per drafted token; one per depth for trees)
     drafts_scored: int = 0  # draft tokens the target scored (a round's chain or tree): its extra work
     new_tokens: int = 0  # tokens emitted
@@ -42,7 +53,10 @@ class SpecStats:
         return cls(proposed=[0] * gamma, accepted=[0] * gamma)
 
     def record_round(self, num_drafts: int, num_accepted: int) -> None:
-        """Count one verify step over `num_drafts` real drafts of which the first `num_accepted` passed."""
+        """Count one target forward over `num_drafts` real drafts of which the first `num_accepted` passed
+        (for trees: the drafts on the verified path, see the module docstring); with no draft it is no
+        verify step."""
+        self.verify_steps += num_drafts > 0
         # The verifier looks at drafts 0..n (the n accepted ones and the one it rejected), never past it.
         for i in range(min(num_accepted + 1, num_drafts)):
             self.proposed[i] += 1
@@ -69,6 +83,11 @@ class SpecStats:
         return _ratio(self.new_tokens, self.target_calls)
 
     @property
+    def accept_length(self) -> float:
+        """1 + accepted drafts per verify step (the peers' accept length; see the module docstring)."""
+        return 1.0 + sum(self.accepted) / self.verify_steps if self.verify_steps else math.nan
+
+    @property
     def tokens_per_second(self) -> float:
         return _ratio(self.new_tokens, self.seconds)
 
@@ -79,6 +98,7 @@ class SpecStats:
             proposed=_add_lists(self.proposed, other.proposed),
             accepted=_add_lists(self.accepted, other.accepted),
             target_calls=self.target_calls + other.target_calls,
+            verify_steps=self.verify_steps + other.verify_steps,
             drafter_calls=self.drafter_calls + other.drafter_calls,
             drafts_scored=self.drafts_scored + other.drafts_scored,
             new_tokens=self.new_tokens + other.new_tokens,
@@ -98,6 +118,7 @@ class SpecStats:
             "proposed": list(self.proposed),
             "accepted": list(self.accepted),
             "target_calls": self.target_calls,
+            "verify_steps": self.verify_steps,
             "drafter_calls": self.drafter_calls,
             "drafts_scored": self.drafts_scored,
             "new_tokens": self.new_tokens,
@@ -105,5 +126,6 @@ class SpecStats:
             "alpha_per_position": [clean(a) for a in self.alpha_per_position],
             "alpha": clean(self.alpha),
             "tau": clean(self.tau),
+            "accept_length": clean(self.accept_length),
             "tokens_per_second": clean(self.tokens_per_second),
         }

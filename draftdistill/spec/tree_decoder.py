@@ -9,8 +9,9 @@ One round, with the caches kept as in decoder.py (the target's holds all of `seq
              token from the target;
   4. commit: the target's cache keeps the committed prefix and the path's entries (the other nodes'
              entries are dropped); an EAGLE-3 head gets the target's states for the same positions.
-tau = new_tokens / target_calls, as for chains; stats count acceptance per depth (position i is
-proposed when the path reached depth i and the node there had children).
+tau = new_tokens / target_calls and accept_length = 1 + accepted / verify_steps, as for chains; stats
+count acceptance per depth (position i is proposed when the path reached depth i and the node there had
+children), and a round whose tree is only the root (an EAGLE-3 head's prefill) is no verify step.
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ import time
 
 import torch
 
-from .decoder import _check_input, _eos_set, cut_at_eos
 from .drafting import LMDrafting, start_drafting
 from .kv import check_tree_capable, forward, forward_masked, keep_path, new_cache
 from .metrics import SpecStats
 from .sampling import SamplingConfig, logits_to_probs
+from .sequence import check_input, cut_at_eos, eos_set
 from .tree import TreeConfig, verify_tree, visibility_rows
 
 
@@ -42,8 +43,8 @@ def tree_speculative_generate(
     The output has exactly the target's distribution under `sampling` (identical tokens when greedy).
     """
     device = input_ids.device
-    eos = _eos_set(eos_token_id)
-    seq = _check_input(input_ids)
+    eos = eos_set(eos_token_id)
+    seq = check_input(input_ids)
     prompt_len = len(seq)
     target_cache = new_cache(target)
     drafting = start_drafting(drafter, device)

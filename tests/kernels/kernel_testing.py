@@ -7,7 +7,7 @@ triton = pytest.importorskip("triton")
 
 from draftdistill.kernels import fused_divergence  # noqa: E402
 from draftdistill.kernels._common import INTERPRET  # noqa: E402
-from draftdistill.losses import DIVERGENCES  # noqa: E402
+from draftdistill.losses import DIVERGENCES, kernel_divergences  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 if not INTERPRET and not torch.cuda.is_available():
@@ -15,6 +15,18 @@ if not INTERPRET and not torch.cuda.is_available():
 
 # The interpreter warns (numpy) on log(0), e.g. an empty top-k tail; that -inf is intended.
 IGNORE_LOG0 = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+
+
+def kernel_variants(edge_cases=(), needs=None):
+    """(name, params) for the kernel tests: every registry divergence with a kernel (taking
+    teacher form `needs`, when given) at its defaults, then the edge cases listed for those.
+    Reference-only divergences (no kernel) are left out."""
+    names = kernel_divergences(needs)
+    return [(n, {}) for n in names] + [(n, p) for n, p in edge_cases if n in names]
+
+
+def variant_id(name, params):
+    return name + "".join(f"-{k}={v}" for k, v in params.items())
 
 
 def rand(*shape, scale=2.0, seed=0, dtype=torch.float32):

@@ -6,10 +6,15 @@ import sys
 
 import pytest
 import torch
-from kernel_testing import IGNORE_LOG0, compare, fused_divergence, logits_pair, rand
+from kernel_testing import (DEVICE, IGNORE_LOG0, compare, fused_divergence, kernel_variants,
+                            logits_pair, mask_of, rand)
 
-from draftdistill.kernels.dispatch import register
-from draftdistill.losses import DIVERGENCES, FUSED_KERNELS, TeacherTopK
+from draftdistill.eval.bench_kernels import make_inputs
+from draftdistill.kernels import compile_check, fused_linear_divergence, linear_divergence_reference
+from draftdistill.kernels.dispatch import kernel_module, register
+from draftdistill.kernels.fused_linear import TeacherHidden
+from draftdistill.losses import (DIVERGENCES, FUSED_KERNELS, TeacherTopK, divergence_names,
+                                 kernel_divergences)
 
 pytestmark = IGNORE_LOG0
 
@@ -20,7 +25,7 @@ def test_register_fills_every_divergence_and_keeps_user_kernels():
         FUSED_KERNELS.clear()
         mine = FUSED_KERNELS["tvd"] = lambda *a, **k: None
         register()
-        assert set(FUSED_KERNELS) == set(DIVERGENCES)
+        assert set(FUSED_KERNELS) == set(kernel_divergences())
         assert FUSED_KERNELS["tvd"] is mine
         # The registered functions have the reference signature and results.
         s, t, mask = logits_pair((4,), 33, seed=1)
@@ -31,6 +36,48 @@ def test_register_fills_every_divergence_and_keeps_user_kernels():
     finally:
         FUSED_KERNELS.clear()
         FUSED_KERNELS.update(saved)
+
+
+@pytest.mark.parametrize("name", kernel_divergences())
+def test_every_kernel_divergence_matches_its_reference_at_defaults(name):
+    """Whatever the registry declares a kernel for, in the teacher form it `needs`."""
+    module = kernel_module(name)
+    assert callable(module.supports) and callable(module.loss_and_grad)
+    assert list(compile_check.variants(("bf16",), [name]))  # compile_check covers it
+    s, t = make_inputs(name, 5, 40, torch.float32, DEVICE, seed=3)
+    compare(name, s.detach(), t, mask_of((5,), seed=3), 0.9, "mean", block_size=16)
+
+
+def test_a_reference_only_divergence_is_skipped_by_kernel_tests_dispatch_and_compile_check(
+        reference_only):
+    name = reference_only
+    assert name in divergence_names() and name not in kernel_divergences()
+    assert name not in [n for n, _ in kernel_variants([(name, {"weight": 0.1})])]
+    assert kernel_module(name) is None
+    saved = dict(FUSED_KERNELS)
+    try:
+        FUSED_KERNELS.clear()
+        register()
+        assert name not in FUSED_KERNELS and set(FUSED_KERNELS) == set(kernel_divergences())
+    finally:
+        FUSED_KERNELS.clear()
+        FUSED_KERNELS.update(saved)
+    # The fused entry points run its reference, exactly.
+    s, t, mask = logits_pair((4,), 30, seed=6)
+    ours = fused_divergence(name, s, t, mask, weight=0.2)
+    assert ours.equal(DIVERGENCES[name].fn(s, t, mask=mask, weight=0.2))
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 8, generator=g).to(DEVICE)
+    w = torch.randn(30, 8, generator=g).to(DEVICE)
+    teacher = TeacherHidden(torch.randn(4, 8, generator=g).to(DEVICE),
+                            torch.randn(30, 8, generator=g).to(DEVICE))
+    torch.testing.assert_close(fused_linear_divergence(name, h, w, teacher, chunk_size=2),
+                               linear_divergence_reference(name, h, w, teacher))
+    # compile_check compiles the kernels' launches only, and refuses to be asked for it.
+    labels = [v[0] for v in compile_check.variants(("bf16",))]
+    assert labels and len(labels) == len(set(labels))
+    with pytest.raises(ValueError, match="reference-only"):
+        list(compile_check.variants(("bf16",), [name]))
 
 
 def test_float64_goes_to_the_reference_exactly():

@@ -2,18 +2,21 @@
 
 import pytest
 import torch
-from kernel_testing import DEVICE, compare, fused_divergence, logits_pair, mask_of, rand
+from kernel_testing import (DEVICE, compare, fused_divergence, kernel_variants, logits_pair,
+                            mask_of, rand, variant_id)
 
 from draftdistill.losses import DIVERGENCES, TeacherLogProbs
 
-VARIANTS = [
-    ("fkl", {}), ("rkl", {}), ("jsd", {}), ("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.0}),
-    ("jsd", {"beta": 1.0}), ("tvd", {}), ("skew_fkl", {}), ("skew_fkl", {"alpha": 0.0}),
-    ("skew_rkl", {"alpha": 0.3}), ("skew_rkl", {"alpha": 0.0}), ("neg_log_acceptance", {}),
+# Every registered divergence with a kernel over full logits, at its defaults, then these
+# parameter end points and special cases (those of divergences in the registry).
+EDGE_CASES = [
+    ("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}),
+    ("skew_fkl", {"alpha": 0.0}), ("skew_rkl", {"alpha": 0.3}), ("skew_rkl", {"alpha": 0.0}),
     ("neg_log_acceptance", {"eps": 0.5}),  # clamp active on some rows
-    ("lk", {}), ("lk", {"eta": 1.0, "batch_alpha": True}),
+    ("lk", {"eta": 1.0, "batch_alpha": True}),
 ]
-IDS = [name + "".join(f"-{k}={v}" for k, v in p.items()) for name, p in VARIANTS]
+VARIANTS = kernel_variants(EDGE_CASES, needs="full")
+IDS = [variant_id(name, p) for name, p in VARIANTS]
 # (positions, vocab, temperature, reduction, block): several tiles and a ragged last one each.
 SETTINGS = [((2, 3), 37, 1.0, "mean", 16), ((5,), 100, 0.7, "none", 32),
             ((7,), 257, 2.0, "sum", 64)]
