@@ -10,7 +10,7 @@ from draftdistill.cli import main
 from draftdistill.models import TokenizerMismatchError, load_drafter, require_lm_drafter
 from draftdistill.models.draft_vocab import DraftVocab
 from draftdistill.models.eagle3 import Eagle3Head, build_eagle3_head
-from draftdistill.serving.export_eagle3 import export_sglang_eagle3
+from draftdistill.export import export_sglang_eagle3
 from tiny import WORDS, make_llama, make_tokenizer, save_model_dir
 
 

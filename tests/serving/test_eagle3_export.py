@@ -1,4 +1,4 @@
-"""serving/export_eagle3.py: an EAGLE-3 head for SGLang (--speculative-algorithm EAGLE3) and for
+"""draftdistill/export/eagle3.py: an EAGLE-3 head for SGLang (--speculative-algorithm EAGLE3) and for
 vLLM (speculators format). Expected names, shapes and fields come from the loaders' sources:
 - SGLang 0.5.23: python/sglang/srt/models/llama_eagle3.py (LlamaModel.__init__ lines 151-206:
   fc [H, 3H], layers.N with qkv over 2H and hidden_norm, norm, embed_tokens; load_weights lines
@@ -24,7 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from draftdistill.models.draft_vocab import DraftVocab
 from draftdistill.models.eagle3 import build_eagle3_head, load_eagle3_head
-from draftdistill.serving.export_eagle3 import export_sglang_eagle3, export_speculators_eagle3
+from draftdistill.export import export_sglang_eagle3, export_speculators_eagle3
 
 V, H, LAYERS = 48, 32, 6
 
@@ -63,8 +63,11 @@ EXPECTED_SHAPES = {  # name -> shape for H=32, 4 heads x 8, 2 kv heads, intermed
 }
 
 
-def check_weights(state, float_dtype):
-    assert {k: tuple(v.shape) for k, v in state.items()} == EXPECTED_SHAPES  # no embed_tokens, no "model."
+def check_weights(state, float_dtype, embed=False):
+    # SGLang takes the embedding from the target; the speculators export carries it (speculators' own
+    # loader would otherwise start it as NaN). No "model." prefixes either way.
+    expected = {**EXPECTED_SHAPES, "embed_tokens.weight": (V, H)} if embed else EXPECTED_SHAPES
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
     assert state["d2t"].dtype == torch.int64 and state["t2d"].dtype == torch.bool
     assert all(v.dtype == float_dtype for k, v in state.items() if k not in ("d2t", "t2d"))
     assert (state["d2t"] + torch.arange(10)).tolist() == [0, 1, 2, 5, 8, 13, 21, 34, 40, 47]
@@ -100,7 +103,7 @@ def test_sglang_export_names_shapes_config_and_round_trip(tmp_path, head_and_tar
 
 
 def test_speculators_export_config_and_vllm_name_mapping(tmp_path, head_and_target):
-    head, _ = head_and_target
+    head, target = head_and_target
     out = export_speculators_eagle3(tmp_path / "spec", head, "org/target-model", speculative_tokens=5,
                                     verifier_architectures=["LlamaForCausalLM"], dtype=torch.bfloat16)
     config = json.loads((out / "config.json").read_text())
@@ -123,10 +126,11 @@ def test_speculators_export_config_and_vllm_name_mapping(tmp_path, head_and_targ
     assert config["eagle_aux_hidden_state_layer_ids"] == [2, 3, 3]
 
     state = load_file(out / "model.safetensors")
-    check_weights(state, torch.bfloat16)
+    check_weights(state, torch.bfloat16, embed=True)
+    assert torch.equal(state["embed_tokens.weight"], target.get_input_embeddings().weight.to(torch.bfloat16))
     # vLLM's renaming (Eagle3LlamaForCausalLM.load_weights, then LlamaModel.load_weights) must land
     # every tensor on a parameter of its model; these are that model's parameters.
-    vllm_params = {"model.fc.weight", "model.norm.weight", "lm_head.weight", "draft_id_to_target_id",
+    vllm_params = {"model.embed_tokens.weight", "model.fc.weight", "model.norm.weight", "lm_head.weight", "draft_id_to_target_id",
                    "model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.self_attn.o_proj.weight",
                    "model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.mlp.down_proj.weight",
                    "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",

@@ -1,4 +1,4 @@
-"""serving/export.py: a standalone drafter as a plain HF dir (SGLang --speculative-algorithm STANDALONE)."""
+"""draftdistill/export/hf.py: a standalone drafter as a plain HF dir (SGLang --speculative-algorithm STANDALONE)."""
 import pytest
 import torch
 
@@ -28,7 +28,7 @@ WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(29)]
 def test_export_reloads_with_same_outputs(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from draftdistill.serving.export import export_standalone_drafter
+    from draftdistill.export import export_standalone_drafter
 
     drafter, target, tok = tiny(), tiny(layers=2, seed=1), tokenizer(WORDS)
     out = export_standalone_drafter(tmp_path / "draft", drafter, tok, target=target, target_tokenizer=tok)
@@ -44,7 +44,7 @@ def test_export_reloads_with_same_outputs(tmp_path):
 
 
 def test_export_refuses_what_standalone_refuses(tmp_path):
-    from draftdistill.serving.export import export_standalone_drafter
+    from draftdistill.export import export_standalone_drafter
 
     tok = tokenizer(WORDS)
     with pytest.raises(ValueError, match="vocab_size"):
