@@ -2,7 +2,7 @@
 
 Both are small interfaces so a server backend (SGLang) can replace the in-process one:
 
-    Sampler.sample(prompts, max_new_tokens, generator) -> [Completion(tokens, logprobs, finished)]
+    Sampler.sample(prompts, max_new_tokens, generator) -> [Completion(tokens, logprobs, finished, loss_logprobs)]
     Scorer.score(prompts, responses, forms, top_k, temperature) -> TeacherScores
 
 `LocalSampler` decodes a whole batch at once with a KV cache (left-padded prompts); `LocalScorer`
@@ -29,6 +29,11 @@ class Completion:
     tokens: list[int]
     logprobs: list[float]  # log-prob of each token under the sampling distribution (behaviour policy)
     finished: bool = False  # ended with a stop token
+    # log-prob of each token under the LOSS distribution of the weights that sampled it,
+    # log_softmax(logits / loss_temperature) with no top-p: what the importance ratio compares the
+    # student against (Micro.old_logprobs), so the ratio is 1 whenever the weights are unchanged,
+    # whatever the rollout's temperature / top-p / greedy. None: the sampler cannot give it.
+    loss_logprobs: list[float] | None = None
 
 
 class Sampler(Protocol):
@@ -61,11 +66,17 @@ class Scorer(Protocol):
 
 
 class LocalSampler:
-    """Batched in-process sampling with a KV cache, randomness from the caller's generator."""
+    """Batched in-process sampling with a KV cache, randomness from the caller's generator.
+    Records each token's log-prob under the sampling distribution (temperature, top-p) and under
+    the loss distribution (loss_temperature, no top-p; Completion.loss_logprobs)."""
 
-    def __init__(self, model, eos_ids: list[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0):
+    def __init__(self, model, eos_ids: list[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+                 loss_temperature: float = 1.0):
+        if not loss_temperature > 0:
+            raise ValueError(f"loss_temperature must be > 0, got {loss_temperature}")
         self.model, self.eos, self.pad_id = model, sorted(set(eos_ids)), pad_id
         self.sampling = SamplingConfig(temperature=temperature, top_p=top_p)
+        self.loss_temperature = loss_temperature
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
@@ -81,12 +92,14 @@ class LocalSampler:
         cache, logits = out.past_key_values, out.logits[:, -1]
         eos = torch.tensor(self.eos, device=device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        tokens, logps = [], []
+        tokens, logps, loss_logps = [], [], []
         for _ in range(max_new_tokens):
             probs = logits_to_probs(logits, self.sampling)
             token = torch.multinomial(probs.to(generator.device), 1, generator=generator).to(device)[:, 0]
             tokens.append(token)
             logps.append(probs.gather(-1, token[:, None])[:, 0].clamp_min(1e-30).log())
+            loss_logp = F.log_softmax(logits.float() / self.loss_temperature, -1)
+            loss_logps.append(loss_logp.gather(-1, token[:, None])[:, 0])
             done = done | torch.isin(token, eos)
             if bool(done.all()):
                 break
@@ -99,11 +112,29 @@ class LocalSampler:
         if not tokens:
             return [Completion([], [], False) for _ in prompts]
         tokens_t, logps_t = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).float().tolist()
+        loss_t = torch.stack(loss_logps, 1).tolist()
         completions = []
-        for row_tokens, row_logps in zip(tokens_t, logps_t):
+        for row_tokens, row_logps, row_loss in zip(tokens_t, logps_t, loss_t):
             end = next((i + 1 for i, t in enumerate(row_tokens) if t in self.eos), len(row_tokens))
-            completions.append(Completion(row_tokens[:end], row_logps[:end], row_tokens[end - 1] in self.eos))
+            completions.append(Completion(row_tokens[:end], row_logps[:end], row_tokens[end - 1] in self.eos,
+                                          row_loss[:end]))
         return completions
+
+
+def old_logprobs(logprobs: list[list[float] | None], sampled: list[bool], shape, device=None) -> torch.Tensor:
+    """Micro.old_logprobs [B, R] from each row's Completion.loss_logprobs (`logprobs[r]`): NaN where
+    unknown (rows the student did not sample, padding), which the objectives treat as on-policy.
+    A sampled row without them is refused: its ratio would compare two different distributions
+    (e.g. top-p or rollout-temperature log-probs against the loss temperature's), which the PPO
+    clip turns into lost gradients."""
+    old = torch.full(tuple(shape), float("nan"))
+    for row, (lp, own) in enumerate(zip(logprobs, sampled)):
+        if own and lp is None:
+            raise ValueError("the sampler gave no log-probs under the loss distribution (Completion.loss_logprobs) "
+                             "for the importance ratio; give them, or set importance_sampling=false")
+        if own and lp:
+            old[row, : len(lp)] = torch.tensor(lp, dtype=old.dtype)
+    return old.to(device) if device is not None else old
 
 
 def scores_from_logits(logits: torch.Tensor, targets: torch.Tensor, forms: set[str], top_k: int,
@@ -178,4 +209,4 @@ def scores_from_lists(token: list[list[float]], top: list[list], responses: list
 
 
 __all__ = ["Completion", "FORMS", "LocalSampler", "LocalScorer", "Sampler", "Scorer", "TeacherScores",
-           "merge_scores", "scores_from_lists", "scores_from_logits"]
+           "merge_scores", "old_logprobs", "scores_from_lists", "scores_from_logits"]

@@ -10,8 +10,13 @@ the other servers of a pool tried first, so a restarting teacher stalls a step i
 the run; a request the server refuses (4xx) raises at once, it would fail again.
 
 Log-prob conventions (checked against a real server in tests/serving/test_sglang_opd.py): scoring
-log-probs are those of the raw logits, so a server teacher needs loss_temperature 1; rollout
-log-probs are the sampling distribution's, which the importance weights need.
+log-probs are those of the raw logits, so a server teacher needs loss_temperature 1. Rollout
+log-probs are log_softmax(logits / T) at the request's temperature T, taken before top-p / top-k
+(SGLang's Sampler: log(softmax(logits / T)) of the probabilities it then filters), and of the raw
+logits (T = 1) for greedy requests, or for every request when the server runs with
+SGLANG_RETURN_ORIGINAL_LOGPROB set (do not: it hides the temperature). So they are the importance
+ratio's loss-distribution log-probs (Completion.loss_logprobs) exactly when that T equals
+loss_temperature; opd.objectives.check_importance_sampling refuses the other combinations.
 """
 from __future__ import annotations
 
@@ -111,9 +116,12 @@ class SGLangSampler:
     pushed (`selector: target`) tensor update between begin/end_weight_update."""
 
     def __init__(self, urls: str | list[str], eos_ids: list[int], temperature: float = 1.0, top_p: float = 1.0,
-                 timeout: float = 600.0, patience: float = 900.0, concurrency: int = 8, start: int = 0):
+                 timeout: float = 600.0, patience: float = 900.0, concurrency: int = 8, start: int = 0,
+                 loss_temperature: float = 1.0):
         self.pool = _Pool(urls, timeout, patience, start)
         self.eos, self.temperature, self.top_p = sorted(set(eos_ids)), temperature, top_p
+        # The server's log-probs are the loss distribution's only when it scales by loss_temperature.
+        self.loss_logprobs = served_logprob_temperature(temperature) == loss_temperature
         self.concurrency = concurrency
         self.version: str | None = None
 
@@ -145,10 +153,16 @@ class SGLangSampler:
             if self.version is not None and out.weight_version not in (None, self.version):
                 raise RuntimeError(f"rollout came from weights {out.weight_version!r}, expected {self.version!r}")
             finished = bool(out.output_ids) and out.output_ids[-1] in self.eos
-            return Completion(list(out.output_ids), list(out.logprobs or []), finished)
+            logprobs = list(out.logprobs or [])
+            return Completion(list(out.output_ids), logprobs, finished, logprobs if self.loss_logprobs else None)
 
         with ThreadPoolExecutor(max(1, min(self.concurrency, len(prompts)))) as threads:
             return list(threads.map(one, range(len(prompts))))
 
 
-__all__ = ["SGLangSampler", "SGLangScorer", "split_urls"]
+def served_logprob_temperature(rollout_temperature: float) -> float:
+    """The temperature of the log-probs an SGLang rollout returns: the request's, 1 when greedy."""
+    return rollout_temperature if rollout_temperature > 0 else 1.0
+
+
+__all__ = ["SGLangSampler", "SGLangScorer", "served_logprob_temperature", "split_urls"]

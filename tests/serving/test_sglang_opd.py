@@ -58,16 +58,24 @@ def test_sampler_logprobs_stops_and_weight_sync(sglang_server, models):
     model0, model1 = models
     prompt = [1, 50, 60, 70, 80]
     try:
-        # The rollout log-probs are the sampling distribution's (T = 0.7 here): what importance
-        # weights need.
-        sampler = SGLangSampler(sglang_server.url, eos_ids=[2], temperature=0.7)
-        completions = sampler.sample([prompt, prompt], 24, torch.Generator().manual_seed(0))
-        for c in completions:
+        # The rollout log-probs are log_softmax(logits / T) at the request's T (0.7 here).
+        def at_07(c):
             ids = torch.tensor([prompt + c.tokens])
             with torch.no_grad():
                 logp = torch.log_softmax(model0(ids).logits[0, len(prompt) - 1: -1] / 0.7, -1)
-            want = logp.gather(1, torch.tensor(c.tokens)[:, None])[:, 0]
+            return logp.gather(1, torch.tensor(c.tokens)[:, None])[:, 0]
+
+        sampler = SGLangSampler(sglang_server.url, eos_ids=[2], temperature=0.7)
+        completions = sampler.sample([prompt, prompt], 24, torch.Generator().manual_seed(0))
+        for c in completions:
+            want = at_07(c)
             assert len(c.logprobs) == len(c.tokens) and (torch.tensor(c.logprobs) - want).abs().max() < TOL
+            assert c.loss_logprobs is None  # T 0.7 log-probs are not the loss distribution's at loss_temperature 1
+        # With top-p they are still log_softmax(logits / T), taken before the nucleus cut: the loss
+        # distribution's when T = loss_temperature (what opd.objectives.check_importance_sampling assumes).
+        nucleus = SGLangSampler(sglang_server.url, eos_ids=[2], temperature=0.7, top_p=0.5, loss_temperature=0.7)
+        for c in nucleus.sample([prompt, prompt], 24, torch.Generator().manual_seed(0)):
+            assert (torch.tensor(c.loss_logprobs) - at_07(c)).abs().max() < TOL
         # A stop token ends the completion and is kept in it, as LocalSampler does.
         stopping = SGLangSampler(sglang_server.url, eos_ids=list(range(3, 512)))
         (c,) = stopping.sample([prompt], 10, torch.Generator().manual_seed(0))
@@ -81,6 +89,10 @@ def test_sampler_logprobs_stops_and_weight_sync(sglang_server, models):
             with torch.no_grad():
                 seq.append(int(model1(torch.tensor([seq])).logits[0, -1].argmax()))
         assert c.tokens == seq[len(prompt):] and greedy.version == "7"
+        with torch.no_grad():  # greedy rollouts' log-probs are the raw logits' (T = 1)
+            logp = torch.log_softmax(model1(torch.tensor([seq])).logits[0, len(prompt) - 1: -1], -1)
+        want = logp.gather(1, torch.tensor(c.tokens)[:, None])[:, 0]
+        assert (torch.tensor(c.loss_logprobs) - want).abs().max() < TOL
     finally:
         restore(sglang_server)
 
