@@ -40,10 +40,10 @@ from draftdistill.data import encode_prompt, load_prompts, stop_token_ids
 from draftdistill.eval import plot_alpha_per_position
 from draftdistill.eval.machine import machine_info
 from draftdistill.models import load_drafter, load_target
-from draftdistill.serving.export_eagle3 import export_sglang_eagle3
-from draftdistill.train import DrafterOPDConfig, load_config, train_drafter
+from draftdistill.export import export_sglang_eagle3
+from draftdistill.train import Eagle3Config, load_config, train_eagle3
 from draftdistill.train.checkpoint import load_weights
-from draftdistill.train.eagle3_trainer import mean_per_position
+from draftdistill.train.eagle3 import mean_per_position
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -74,17 +74,17 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def train(args, work: Path, name: str, drafter: str, steps: int, chain: str) -> tuple[DrafterOPDConfig, dict, list]:
+def train(args, work: Path, name: str, drafter: str, steps: int, chain: str) -> tuple[Eagle3Config, dict, list]:
     on_policy = [f"ttt_chain_tokens={args.chain_tokens}", f"ttt_reach_weights={args.reach_weights}"] \
         if chain != "data" else []
-    cfg = load_config(DrafterOPDConfig, Path(__file__).parents[1] / "configs" / "eagle3.yaml", [
+    cfg = load_config(Eagle3Config, Path(__file__).parents[1] / "configs" / "eagle3.yaml", [
         *on_policy, f"drafter={drafter}", f"ttt_chain={chain}", f"steps={steps}", f"batch_size={args.batch_size}",
         f"lr={args.lr}", f"ttt_anchors={args.anchors}", f"draft_vocab_size={args.draft_vocab}",
         f"prompt_limit={args.pool}", f"gamma={args.gamma}", f"eval_every={steps}", f"save_every={steps}",
         "eval_num_prompts=2", "eval_max_new_tokens=16", f"out_dir={work / name}", "resume=false", "device=cpu",
         *(["mix_dataset=1.0", "mix_target=0.0"] if args.contexts == "dataset" else []),
         f"target_cache={work / 'target_responses.jsonl'}"])
-    summary = train_drafter(cfg, progress=True)
+    summary = train_eagle3(cfg, progress=True)
     rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
     return cfg, summary, [r for r in rows if "loss" in r]
 

@@ -31,7 +31,7 @@ from draftdistill.eval import evaluate_drafter, plot_alpha_per_position
 from draftdistill.eval.machine import machine_info
 from draftdistill.models import load_drafter, load_target
 from draftdistill.spec import SamplingConfig
-from draftdistill.train import DrafterOPDConfig, train_drafter
+from draftdistill.train import DrafterConfig, train_drafter
 from draftdistill.train.checkpoint import load_weights
 
 ON_POLICY = {"fkl": "fkl", "rkl": "rkl", "jsd": "jsd:beta=0.5", "tvd": "tvd", "lk": "lk"}
@@ -112,7 +112,7 @@ def main(argv=None):
         if recipe is None:
             drafter, train_summary = load_drafter(args.drafter, target, tokenizer), None
         else:
-            cfg = DrafterOPDConfig(drafter=args.drafter, prompts="gsm8k:train", prompt_limit=args.pool,
+            cfg = DrafterConfig(drafter=args.drafter, prompts="gsm8k:train", prompt_limit=args.pool,
                                    response_tokens=args.response_tokens, steps=args.steps, batch_size=args.batch_size,
                                    lr=args.lr, gamma=args.gamma, eval_every=args.steps, save_every=args.steps,
                                    eval_num_prompts=2, eval_max_new_tokens=16, out_dir=str(work / arm), resume=False, device="cpu",

@@ -22,7 +22,8 @@ import torch
 from draftdistill.losses import TeacherTopK, get_divergence, parse_divergence
 from draftdistill.losses.teacher import LOG_ZERO
 from draftdistill.train.batching import pack, response_logits
-from draftdistill.train.drafter_opd import rejected_mask
+from draftdistill.train.loop import apply_update
+from draftdistill.train.osd import rejected_mask
 
 from .backend import FinishedRequest, TrafficBackend
 
@@ -42,7 +43,21 @@ class OnlineConfig:
     max_staleness: int = 2  # drop examples served more than this many versions ago
     window: int = 16  # requests served by a new version before it is judged
     gate_margin: float = 0.0  # keep a version if its accept length >= previous - margin
+    max_grad_norm: float = 1.0  # gradient clipping
     seed: int = 0
+    temperature: float = 1.0  # OSD: the temperature the drafter serves at (0: greedy), for requests that
+    # do not say their own (the embedded server's meta["temperature"], SGLang's logged sampling_params)
+
+
+def served_temperature(request: FinishedRequest, default: float) -> float:
+    """The temperature `request` was decoded at: the embedded server's meta["temperature"], else the
+    logged SGLang sampling_params (temperature; top_k 1 is greedy), else `default`."""
+    if request.meta.get("temperature") is not None:
+        return float(request.meta["temperature"])
+    params = request.meta.get("sampling_params") or {}
+    if params.get("top_k") == 1:
+        return 0.0
+    return float(params["temperature"]) if params.get("temperature") is not None else default
 
 
 def stack_teacher(rows: list, width: int, device):
@@ -62,6 +77,36 @@ def stack_teacher(rows: list, width: int, device):
             ids[i, : len(row.ids)], logprobs[i, : len(row.ids)] = row.ids, row.logprobs
         return TeacherTopK(ids.to(device), logprobs.to(device))
     raise TypeError(f"online distillation needs teacher logits or TeacherTopK, got {type(first).__name__}")
+
+
+def update_step(drafter, optimizer, loss_fn, examples: list[FinishedRequest], backend: TrafficBackend,
+                cfg: OnlineConfig, generator: torch.Generator) -> float:
+    """One update of the online distiller, from served requests to optimizer step; returns the loss."""
+    device = next(drafter.parameters()).device
+    # 1. A batch of served requests: the prompt and the tokens the server emitted for it.
+    picks = torch.randint(len(examples), (min(cfg.batch_size, len(examples)),), generator=generator)
+    chosen = [examples[int(i)] for i in picks]
+    responses = [r.output_ids[: cfg.max_response_tokens] for r in chosen]
+    batch = pack([r.prompt_ids for r in chosen], responses, pad_id=0).to(device)
+
+    # 2. Teacher scores of the same tokens (in-process logits or a server's top-k) and the loss mask
+    #    (OSD: where the decoder would reject the drafter, each row at the temperature it was served at).
+    teacher = stack_teacher([backend.teacher_logits(r.prompt_ids, response) for r, response in zip(chosen, responses)],
+                            batch.scored.shape[1], device)
+    if cfg.rejected_only and not isinstance(teacher, torch.Tensor):
+        raise ValueError("rejected_only needs full teacher logits (an in-process target), not top-k scores")
+    student = response_logits(drafter, batch)
+    mask = batch.scored
+    if cfg.rejected_only:
+        mask = torch.cat([rejected_mask(student[i: i + 1], teacher[i: i + 1], batch.scored[i: i + 1], generator,
+                                        served_temperature(r, cfg.temperature)) for i, r in enumerate(chosen)])
+
+    # 3. The divergence over the scored positions, one optimizer step.
+    loss = loss_fn(student, teacher, mask, reduction="sum") / max(1, int(mask.sum()))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    apply_update(optimizer, None, drafter.parameters(), cfg.max_grad_norm)
+    return float(loss.detach())
 
 
 @dataclass
@@ -122,28 +167,12 @@ class OnlineDistiller:
         return {k: v.detach().cpu().clone() for k, v in self.drafter.state_dict().items()}
 
     def train_steps(self) -> dict:
+        """`steps_per_update` update steps on the fresh examples in the buffer."""
         examples = self._fresh_examples()
         if not examples:
             return {}
-        device = next(self.drafter.parameters()).device
-        losses = []
-        for _ in range(self.cfg.steps_per_update):
-            picks = torch.randint(len(examples), (min(self.cfg.batch_size, len(examples)),), generator=self.generator)
-            chosen = [examples[int(i)] for i in picks]
-            responses = [r.output_ids[: self.cfg.max_response_tokens] for r in chosen]
-            batch = pack([r.prompt_ids for r in chosen], responses, pad_id=0).to(device)
-            teacher = stack_teacher([self.backend.teacher_logits(r.prompt_ids, response)
-                                     for r, response in zip(chosen, responses)], batch.scored.shape[1], device)
-            student = response_logits(self.drafter, batch)
-            if self.cfg.rejected_only and not isinstance(teacher, torch.Tensor):
-                raise ValueError("rejected_only needs full teacher logits (an in-process target), not top-k scores")
-            mask = rejected_mask(student, teacher, batch, self.generator) if self.cfg.rejected_only else batch.scored
-            loss = self.loss_fn(student, teacher, mask, reduction="sum") / max(1, int(mask.sum()))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), 1.0)
-            self.optimizer.step()
-            losses.append(float(loss.detach()))
+        losses = [update_step(self.drafter, self.optimizer, self.loss_fn, examples, self.backend, self.cfg,
+                              self.generator) for _ in range(self.cfg.steps_per_update)]
         return {"loss": sum(losses) / len(losses), "examples": len(examples)}
 
     # ---- push and gate ----

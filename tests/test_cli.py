@@ -41,6 +41,8 @@ def test_eval_with_target_as_drafter_accepts_everything(tmp_path):
     assert result.exit_code == 0, result.output
     spec = json.loads(out.read_text())["speculative"]
     assert spec["alpha_per_position"] == [1.0, 1.0] and spec["tau"] == 3.0
+    assert spec["accept_length"] == 3.0  # the peers' number: 1 + accepted drafts per verify step
+    assert "accept length 3.000" in result.output and "tau 3.000" in result.output
 
 
 def test_eval_with_a_draft_tree(tmp_path):
@@ -100,9 +102,9 @@ def test_train_and_opd_help_explain_every_config_key():
     from dataclasses import fields
 
     from draftdistill.opd import OPDConfig
-    from draftdistill.train import DrafterOPDConfig
+    from draftdistill.train import DrafterConfig, Eagle3Config
 
-    for command, config_class in (("train", DrafterOPDConfig), ("opd", OPDConfig)):
+    for command, config_class in (("train", DrafterConfig), ("train", Eagle3Config), ("opd", OPDConfig)):
         text = " ".join(run(command, "--help").output.split())  # unwrapped
         for f in fields(config_class):
             assert f"{f.name} " in text, (command, f.name)
@@ -151,6 +153,6 @@ def test_train_command_reads_config_and_overrides(tmp_path):
 
 def test_train_without_a_file_takes_overrides_and_names_a_missing_file(tmp_path):
     result = CliRunner().invoke(main, ["train", "stpes=3"])
-    assert result.exit_code != 0 and "unknown config keys ['stpes']" in result.output
+    assert result.exit_code == 2 and "error: command line: unknown config key 'stpes'" in result.output
     result = CliRunner().invoke(main, ["train", str(tmp_path / "nope.yaml")])
     assert result.exit_code != 0 and "nope.yaml does not exist" in result.output

@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from draftdistill.opd import OPDConfig, train_opd
-from draftdistill.train import DrafterOPDConfig, train_drafter
+from draftdistill.train import DrafterConfig, Eagle3Config, train_drafter, train_eagle3
 from draftdistill.train.checkpoint import is_sharded_checkpoint, load_weights
 from tiny import kill_at_optimizer_step, save_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINERS = {"drafter": train_drafter, "opd": train_opd}  # train_drafter also routes drafter=eagle3
+TRAINERS = {"drafter": train_drafter, "eagle3": train_eagle3, "opd": train_opd}
 
 
 class Killed(Exception):
@@ -95,7 +95,7 @@ def data(tmp_path_factory):
 # --- the drafter trainer -------------------------------------------------------------------------
 
 
-def drafter_config(data, out, **kw) -> DrafterOPDConfig:
+def drafter_config(data, out, **kw) -> DrafterConfig:
     root, teacher, _, prompts = data
     # On-policy and mixed (fresh drafter samples, dataset answers, target samples), OSD masks, and a
     # random drafter, so that the loss has something to do.
@@ -106,7 +106,7 @@ def drafter_config(data, out, **kw) -> DrafterOPDConfig:
                 eval_num_prompts=2, eval_max_new_tokens=4, out_dir=str(root / out), device="cpu", lr=1e-2,
                 warmup_steps=1)
     base.update(kw)
-    return DrafterOPDConfig(**base)
+    return DrafterConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -165,18 +165,18 @@ def test_drafter_one_process_checkpoint_resumes_on_two_ranks(data, drafter_refer
 # --- the EAGLE-3 head trainer --------------------------------------------------------------------
 
 
-def eagle3_config(data, out, chain, **kw) -> DrafterOPDConfig:
+def eagle3_config(data, out, chain, **kw) -> Eagle3Config:
     root, _, _, prompts = data
     target = root / "target5"  # 5 layers: the head reads SGLang's default low/mid/high layers
     if not target.is_dir():
         save_model_dir(target, layers=5, seed=0)
     base = dict(target=str(target), drafter="eagle3", prompts=str(prompts), eval_prompts=str(prompts),
-                mix_dataset=1.0, mix_target=1.0, mix_drafter=0.0, divergence="fkl", ttt_steps=3, ttt_chain=chain,
+                mix_dataset=1.0, mix_target=1.0, divergence="fkl", ttt_steps=3, ttt_chain=chain,
                 ttt_anchors=3, draft_vocab_size=20, response_tokens=5, batch_size=4, steps=4, eval_every=100,
                 save_every=2, eval_num_prompts=2, eval_max_new_tokens=4, out_dir=str(root / out), device="cpu",
                 lr=1e-2, warmup_steps=1)
     base.update(kw)
-    return DrafterOPDConfig(**base)
+    return Eagle3Config(**base)
 
 
 MIXED = {"mixed": dict(ttt_reach_weights=True, ttt_chain_tokens=1)}
@@ -188,7 +188,7 @@ def eagle3_reference(data):
     runs = {}
     for chain in ("sampled", "data", "mixed"):
         cfg = eagle3_config(data, f"eagle3-1proc-{chain}", chain, **MIXED.get(chain, {}))
-        train_drafter(cfg, progress=False)
+        train_eagle3(cfg, progress=False)
         runs[chain] = Path(cfg.out_dir)
     return runs
 
@@ -201,7 +201,7 @@ def test_eagle3_two_ranks_train_like_one_process(data, eagle3_reference, chain, 
     one-process safetensors format, written by rank 0."""
     cfg = eagle3_config(data, f"eagle3-2rank-{chain}", chain, batch_size=2, teacher_parallel=teacher_parallel,
                         **MIXED.get(chain, {}))
-    run_ranks("drafter", cfg)
+    run_ranks("eagle3", cfg)
     out, reference = Path(cfg.out_dir), eagle3_reference[chain]
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(l) for l in (reference / "metrics.jsonl").read_text().splitlines()]
@@ -220,10 +220,10 @@ def test_eagle3_two_ranks_train_like_one_process(data, eagle3_reference, chain, 
 
 def test_eagle3_two_rank_run_killed_resumes_in_one_process(data, eagle3_reference):
     killed = eagle3_config(data, "eagle3-resume", "sampled", batch_size=2)
-    run_ranks("drafter", killed, kill_at_step=3)  # dies after the step-2 checkpoint
+    run_ranks("eagle3", killed, kill_at_step=3)  # dies after the step-2 checkpoint
     out = Path(killed.out_dir)
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
-    train_drafter(replace(killed, batch_size=4), progress=False)  # same global batch, one process
+    train_eagle3(replace(killed, batch_size=4), progress=False)  # same global batch, one process
     assert losses(out) == pytest.approx(losses(eagle3_reference["sampled"]), rel=1e-4, abs=1e-6)
     assert_same_weights(load_file(out / "checkpoint" / "drafter.safetensors"),
                         load_file(eagle3_reference["sampled"] / "checkpoint" / "drafter.safetensors"))

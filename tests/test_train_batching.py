@@ -38,7 +38,9 @@ def test_gradient_accumulation_equals_one_big_batch(setup, tmp_path):
     accum = load_file(tmp_path / "accum" / "checkpoint" / "drafter.safetensors")
     big = load_file(tmp_path / "big" / "checkpoint" / "drafter.safetensors")
     for name in big:
-        torch.testing.assert_close(accum[name], big[name], atol=1e-6, rtol=1e-5)
+        # Adam moves a weight whose gradient is near its eps (1e-8) by a step that is sensitive to the
+        # last bits of that gradient; 1e-5 is a thousandth of the step size (lr 1e-2).
+        torch.testing.assert_close(accum[name], big[name], atol=1e-5, rtol=1e-5)
     # The step moved the weights away from the target's, so the comparison is not vacuous.
     target = load_file(Path(setup[1]) / "model.safetensors")
     moved = [name for name in big if name in target and not torch.equal(big[name], target[name])]
@@ -47,7 +49,7 @@ def test_gradient_accumulation_equals_one_big_batch(setup, tmp_path):
 
 def test_accumulated_gradients_equal_one_big_batch_gradient():
     from draftdistill.losses import get_divergence
-    from draftdistill.train.drafter_opd import accumulate_gradients
+    from draftdistill.train.drafter import accumulate_gradients
 
     target, drafter = make_llama(layers=2, seed=1).eval(), make_llama(layers=1, seed=2).train()
     prompts = [[1, 5, 7], [2, 9, 4, 4], [6, 3], [8, 8, 8, 9, 10]]
@@ -72,12 +74,13 @@ def test_accumulated_gradients_equal_one_big_batch_gradient():
 
 
 def test_rejected_mask_rejects_the_drafters_proposals_at_the_speculative_sampling_rate():
-    from draftdistill.train.drafter_opd import rejected_mask
+    from draftdistill.train.osd import rejected_mask
 
     torch.manual_seed(0)
     student, teacher = torch.randn(1, 3, 6) * 2, torch.randn(1, 3, 6) * 2
     batch = pack([[1]], [[2, 3, 4]], pad_id=0)
     generator = torch.Generator().manual_seed(1)
-    rate = torch.stack([rejected_mask(student, teacher, batch, generator).float() for _ in range(4000)]).mean(0)
+    rate = torch.stack([rejected_mask(student, teacher, batch.scored, generator, 1.0).float()
+                        for _ in range(4000)]).mean(0)
     expected = 1 - torch.minimum(student.softmax(-1), teacher.softmax(-1)).sum(-1)
     torch.testing.assert_close(rate, expected, atol=0.03, rtol=0)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import yaml
 from torch import Tensor
 
+from draftdistill import spec_strings
 from draftdistill.losses import DIVERGENCES, TeacherTokenLogProbs, get_divergence, parse_divergence
 from draftdistill.train.batching import ResponseBatch
 
@@ -33,7 +33,10 @@ class Micro:
     batch: ResponseBatch  # the student's prompt + response
     mask: Tensor  # [B, R] bool: loss tokens
     teacher: TeacherScores | None  # None when the objective needs no teacher (sft)
-    old_logprobs: Tensor | None = None  # [B, R] sampler log-probs, NaN where unknown (dataset rows)
+    # [B, R] the importance ratio's denominators: each sampled token's log-prob under the loss distribution
+    # (log_softmax(logits / loss_temperature), no top-p) of the weights that sampled it, i.e.
+    # Completion.loss_logprobs (rollout.old_logprobs builds it); NaN where unknown (dataset rows)
+    old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None  # [B, R] reference model log p(token) (G-OPD)
     sampled: Tensor | None = None  # [B] bool: rows the student sampled
     reward: Tensor | None = None  # [B] centred verifier reward, 0 on dataset rows
@@ -48,15 +51,9 @@ class Objective:
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
-    """"name:key=value,key=value" -> (name, params); values parse as YAML scalars."""
-    name, _, rest = spec.strip().partition(":")
-    params = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = (s.strip() for s in item.partition("="))
-        if not eq or not key:
-            raise ValueError(f"bad objective parameter {item!r} in {spec!r}; expected key=value")
-        params[key] = yaml.safe_load(value)
-    return name.strip(), params
+    """"name:key=value,key=value" -> (name, params): the grammar of draftdistill.spec_strings,
+    shared with the divergence specs."""
+    return spec_strings.parse_spec(spec, "objective")
 
 
 def _old(micro: Micro, use: bool):
@@ -203,3 +200,37 @@ def reward_term(student_logits: Tensor, micro: Micro, temperature: float, weight
     logq = token_log_probs(student_logits, micro.batch.targets, micro.mask, temperature)
     advantage = micro.reward[:, None].to(logq.dtype).expand_as(logq)
     return weight * policy_gradient_loss(logq, advantage, mask, micro.old_logprobs, clip)
+
+
+IMPORTANCE_SAMPLED = ("opd", "minillm", "aopd")  # the objectives whose ratio reads Micro.old_logprobs
+
+
+def check_importance_sampling(objective: str, importance_sampling: bool = True, reward_weight: float = 0.0,
+                              rollout_server: bool = False, rollout_temperature: float = 1.0,
+                              loss_temperature: float = 1.0) -> None:
+    """Refuse, before any model loads, an importance ratio that would compare two distributions.
+
+    The ratio is q_theta(y) / q_old(y), both under the loss distribution softmax(logits / loss_temperature)
+    (no top-p): 1 while the weights are unchanged, whatever the rollout's temperature, top-p or
+    greedy decoding, and the correction for stale weights otherwise. The in-process sampler records
+    q_old that way at any rollout setting. An SGLang rollout server returns log-probs at the
+    request's temperature (1 when greedy; before top-p), so with importance sampling it needs that
+    temperature to be loss_temperature: otherwise the ratio is not 1 on-policy and the PPO clip
+    zeroes the gradient of most tokens.
+    """
+    from .server import served_logprob_temperature
+
+    name, params = parse_spec(objective)
+    reads_old = (name in IMPORTANCE_SAMPLED and params.get("importance_sampling", importance_sampling)) \
+        or reward_weight > 0
+    if not (importance_sampling and reads_old and rollout_server):
+        return
+    served = served_logprob_temperature(rollout_temperature)
+    if served != loss_temperature:
+        raise ValueError(
+            f"importance sampling with rollout_server: SGLang returns each sampled token's log-prob under "
+            f"softmax(logits / {served:g}) (rollout_temperature={rollout_temperature:g}"
+            f"{', greedy' if rollout_temperature <= 0 else ''}), but the ratio needs it under the loss "
+            f"distribution softmax(logits / loss_temperature={loss_temperature:g}); set "
+            f"rollout_temperature={loss_temperature:g} (top_p may stay: the server's log-probs are taken before "
+            f"top-p) or importance_sampling=false")

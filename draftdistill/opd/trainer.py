@@ -1,101 +1,52 @@
-"""General on-policy distillation of a full LLM student, as one plain loop.
+"""General on-policy distillation of a full LLM student: its config (config.py) and its step.
 
     prompts -> student samples responses (or dataset answers, mixed by the GKD lambda)
             -> each row's teacher scores the same tokens (its own template, maybe privileged context)
             -> objective: a per-token loss over the response -> sum / step's loss tokens -> step
 
 Every objective (OPD, GKD, MiniLLM, DistiLLM, G-OPD, AOPD, entropy switch, OPSD, MOPD) is a
-config over this loop: configs/opd/*.yaml. All randomness of a step derives from (seed, step), and
-every piece of state (weights, optimizer, scheduler, mix schedule, EMA teacher) is checkpointed,
-so a resumed run repeats the next step exactly. Under torchrun each rank trains on its slice of the
-global batch (draftdistill/train/distributed.py); the batched sampler draws all of a micro-batch's
-rows from one stream per (step, rank), so sampled rollouts are the same distribution, not the same
-draws, on another world size (greedy or dataset rollouts are the same rows).
+config over this step: configs/opd/*.yaml. The shared loop (draftdistill/train/loop.py) runs the
+steps, checkpoints and resumes, and exports the student to OUT_DIR/final. All randomness of a step
+derives from (seed, step), and every piece of state (weights, optimizer, scheduler, mix schedule,
+EMA teacher) is checkpointed, so a resumed run repeats the next step exactly. Under torchrun each
+rank trains on its slice of the global batch (draftdistill/train/distributed.py); the batched
+sampler draws all of a micro-batch's rows from one stream per (step, rank), so sampled rollouts
+are the same distribution, not the same draws, on another world size (greedy or dataset rollouts
+are the same rows).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from draftdistill.data import encode_prompt, load_prompts, stop_token_ids
-from draftdistill.models import default_device, load_drafter, load_model, load_target, load_tokenizer
+from draftdistill.data.chat import check_fits_context
+from draftdistill.data.prompts import Prompt
+from draftdistill.export import export_hf
+from draftdistill.models import load_drafter, load_model, load_target, load_tokenizer
 from draftdistill.models.loading import resolve_model_source
 from draftdistill.train import distributed
 from draftdistill.train.batching import pack, response_logits
-from draftdistill.train.checkpoint import export_hf, load_checkpoint, save_checkpoint, write_atomically
-from draftdistill.train.drafter_opd import batch_indices, lr_lambda
-from draftdistill.train.metrics import MetricsLog
+from draftdistill.train.checkpoint import write_atomically
+from draftdistill.train.loop import Trainer, apply_update, batch_indices, make_optimizer, run
 
 from .config import OPDConfig
 from .guard import PROBE, check_pair, loss_token_mask
-from .objectives import Micro, Objective, build_objective, reward_term
+from .objectives import Micro, Objective, reward_term
 from .rewards import FEEDBACK, REWARDS
-from .rollout import LocalSampler, LocalScorer, Sampler, Scorer, merge_scores
+from .rollout import LocalSampler, LocalScorer, Sampler, Scorer, merge_scores, old_logprobs
 from .server import SGLangSampler, SGLangScorer
-from .teachers import (PRIVILEGED_KINDS, SELF_TEACHERS, attach_field, copy_weights, ema_update, frozen_copy,
-                       privileged_prompt)
-
-MIX_SCHEDULES = ("constant", "linear", "adaptive")
+from .teachers import attach_field, copy_weights, ema_update, frozen_copy, privileged_prompt
 
 
-# --- setup: check the config, guard the pair, load the models ------------------------------------
-
-
-def check_config(cfg: OPDConfig) -> Objective:
-    """Everything that can be refused without reading a model."""
-    if cfg.privileged not in PRIVILEGED_KINDS:
-        raise ValueError(f"privileged must be one of {PRIVILEGED_KINDS}, got {cfg.privileged!r}")
-    if cfg.self_teacher not in SELF_TEACHERS:
-        raise ValueError(f"self_teacher must be one of {SELF_TEACHERS}, got {cfg.self_teacher!r}")
-    if cfg.mix_schedule not in MIX_SCHEDULES:
-        raise ValueError(f"mix_schedule must be one of {MIX_SCHEDULES}, got {cfg.mix_schedule!r}")
-    if not 0.0 <= cfg.mix_student <= 1.0 or not 0.0 <= cfg.mix_student_start <= 1.0:
-        raise ValueError("mix_student and mix_student_start must be in [0, 1]")
-    if cfg.verifier and cfg.verifier not in REWARDS:
-        raise ValueError(f"unknown verifier {cfg.verifier!r}; known: {sorted(REWARDS)}")
-    if (cfg.reward_weight or cfg.privileged == "feedback") and not cfg.verifier:
-        raise ValueError("reward_weight > 0 and privileged=feedback need a verifier (e.g. verifier=gsm8k)")
-    if cfg.teachers and not cfg.route_field:
-        raise ValueError("several teachers (MOPD) need route_field: the prompt field that picks one")
-    if cfg.group_size < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.max_new_tokens < 1:
-        raise ValueError("group_size, batch_size, grad_accum and max_new_tokens must be >= 1")
-    if cfg.teacher_parallel not in distributed.TEACHER_PARALLEL:
-        raise ValueError(f"teacher_parallel must be one of {distributed.TEACHER_PARALLEL}, "
-                         f"got {cfg.teacher_parallel!r}")
-    if cfg.teacher_parallel == "shard" and cfg.teachers:
-        # A sharded forward needs every rank, and routing sends each rank's rows to other teachers.
-        raise ValueError("teacher_parallel=shard does not support several routed teachers (MOPD); use replicate")
-    if servers(cfg) and (cfg.teachers or cfg.teacher in ("self", "none")):
-        raise ValueError("teacher_servers score for `teacher` only: not with several teachers, teacher=self or none")
-    if servers(cfg) and cfg.teacher_scores == "logits":
-        raise ValueError("an SGLang teacher returns top-k or token log-probs: set teacher_scores=topk or token")
-    objective = build_objective(cfg.objective, cfg.divergence, cfg.teacher_scores, cfg.importance_sampling)
-    if (cfg.teacher == "none" and not cfg.teachers) != (not objective.needs):
-        raise ValueError(f"objective {cfg.objective!r} " + ("needs a teacher" if objective.needs else
-                         "reads no teacher: set teacher=none so none is loaded"))
-    if objective.name == "sft" and (cfg.mix_student != 0.0 or cfg.mix_schedule != "constant" or cfg.verifier):
-        raise ValueError("sft trains on the dataset answers only: mix_student=0, mix_schedule=constant, no verifier")
-    if cfg.mix_schedule == "adaptive" and cfg.adaptive_validation < 1:
-        raise ValueError("mix_schedule=adaptive needs adaptive_validation >= 1 held-out prompts")
-    if servers(cfg) and cfg.loss_temperature != 1.0:
-        raise ValueError("SGLang scores with the raw logits: teacher_servers needs loss_temperature=1")
-    if objective.needs_reference and not cfg.reference:
-        raise ValueError(f"objective {cfg.objective!r} needs a reference model: reference=student or a path")
-    return objective
-
-
-def servers(cfg: OPDConfig) -> list[str]:
-    """teacher_servers as a list (a comma-separated string is accepted too)."""
-    urls = cfg.teacher_servers
-    return [u.strip() for u in urls.split(",") if u.strip()] if isinstance(urls, str) else list(urls)
+# --- setup: guard the pair, load the models -------------------------------------------------------
 
 
 def model_info(spec: str):
@@ -136,11 +87,11 @@ def load_models(cfg: OPDConfig, probes: list, device: str) -> SimpleNamespace:
     # Teachers on SGLang servers load no weights here (their files still gave the guard its
     # tokenizer); a teacher to be sharded is read into CPU memory first (FSDP moves it layer by
     # layer, keeping its shard).
-    if built and servers(cfg):
+    if built and cfg.servers():
         raise ValueError(f"student {cfg.student!r} is built from the teacher's weights; with teacher_servers "
                          "give the student as a model path")
     local = "cpu" if distributed.active() and cfg.teacher_parallel == "shard" else device
-    teachers = {} if servers(cfg) else {name: load_target(spec, device=local)[0] for name, spec in specs.items()}
+    teachers = {} if cfg.servers() else {name: load_target(spec, device=local)[0] for name, spec in specs.items()}
     if built:
         student = load_drafter(cfg.student, next(iter(teachers.values())), s_tok)
     else:
@@ -252,74 +203,194 @@ def drop_old_ema(out: Path, keep_step: int) -> None:
             path.unlink(missing_ok=True)
 
 
-# --- the loop ------------------------------------------------------------------------------------
+# --- the step --------------------------------------------------------------------------------------
 
 
-def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = None,
-              scorers: dict[str, Scorer] | None = None) -> dict:
-    """Run the recipe. `sampler` / `scorers` replace the in-process student sampler / teachers
-    (e.g. server backends); by default both run in this process."""
-    objective = check_config(cfg)  # before anything is read
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = distributed.setup(cfg.device) or default_device()
-    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
-    torch.manual_seed(cfg.seed)
+@dataclass
+class OPDTraining:
+    """Everything `step` reads, made once by `build`."""
+    cfg: OPDConfig
+    objective: Objective
+    models: SimpleNamespace  # load_models' result: student, tokenizer, teachers, reference, ema, stops
+    student: torch.nn.Module  # sharded or replicated under torchrun
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: Sampler
+    own_sampler: bool  # in-process sampling needs the whole student gathered
+    scorers: dict[str, Scorer]
+    ref_scorer: Scorer | None
+    forms: set[str]  # the teacher score forms the objective reads
+    prompts: list[Prompt]
+    student_ids: list[list[int]]
+    order: torch.Tensor  # training prompts, shuffled
+    validation: list[int]  # prompts held out for DistiLLM's adaptive schedule
+    pad_id: int
+    device: str
+    state: dict  # resumable: the adaptive mix and its last validation loss
+    teacher_ids: dict = None  # (prompt index, teacher) -> the teacher's prompt ids, when fixed
 
+    def route(self, prompt: Prompt) -> str:
+        return prompt.meta[self.cfg.route_field] if self.cfg.route_field else next(iter(self.scorers))
+
+
+def step(t: OPDTraining, step: int) -> dict:
+    """One optimizer step: rollouts, teacher scores, the objective's backward, the update."""
+    cfg, started = t.cfg, time.perf_counter()
+    rank, world = distributed.rank(), distributed.world_size()
+    generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * world + rank)
+    mix = mix_student_at(cfg, step, t.state)
+
+    # 1. Rollouts for the whole step first: rewards are centred, and the loss normalised, over it.
+    rows = []  # per micro-batch: (prompt indices, responses, sampler log-probs or None, by student, texts)
+    for micro in range(cfg.grad_accum):
+        indices = [i for i in batch_indices(step, micro, cfg, t.order, rank, world) for _ in range(cfg.group_size)]
+        by_student = (torch.rand(len(indices), generator=generator) < mix).tolist()
+        chosen = [i for i, s in zip(indices, by_student) if s]
+        with distributed.gathered(t.student) if t.own_sampler else contextlib.nullcontext():
+            samples = iter(t.sampler.sample([t.student_ids[i] for i in chosen], cfg.max_new_tokens, generator)
+                           if chosen else [])
+        responses, logps = [], []
+        for index, own in zip(indices, by_student):
+            c = next(samples) if own else None
+            responses.append(c.tokens if own else dataset_response(t, index))
+            logps.append(c.loss_logprobs if own else None)  # under the loss's distribution: ratio 1 on-policy
+        texts = [t.models.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        rows.append((indices, responses, logps, by_student, texts))
+    flat_rewards = [REWARDS[cfg.verifier](text, t.prompts[i].reference) if own and cfg.verifier else None
+                    for indices, _, _, owns, texts in rows for i, own, text in zip(indices, owns, texts)]
+    given = [r for r in flat_rewards if r is not None]
+    reward_sum, reward_rows = distributed.all_sum([sum(given), len(given)])
+    step_mean = reward_sum / reward_rows if reward_rows and world > 1 else None
+    centred = iter(centred_rewards(flat_rewards, cfg.group_size, step_mean))
+
+    # 2. Teacher (and reference) scores of the same tokens; loss masks.
+    scored = [score_micro(t, indices, responses, logps, owns, texts, [next(centred) for _ in indices])
+              for indices, responses, logps, owns, texts in rows]
+    micros = [micro for micro, _ in scored]
+
+    # 3. Student forward and backward, one optimizer step; servers and self-teachers follow it.
+    t.optimizer.zero_grad(set_to_none=True)
+    sums = accumulate(t.student, micros, t.objective, cfg.loss_temperature, cfg.reward_weight)
+    grad_norm = apply_update(t.optimizer, t.scheduler, t.params, cfg.max_grad_norm)
+    sync = getattr(t.sampler, "sync", None)  # a server sampler samples from the weights last pushed to it
+    if sync is not None:
+        sync(t.student, step + 1)
+    if t.models.ema is not None and cfg.self_teacher == "ema":
+        ema_update(t.models.ema, t.student, cfg.ema_decay)
+    elif t.models.ema is not None and (step + 1) % cfg.teacher_refresh_every == 0:
+        copy_weights(t.models.ema, t.student)
+    seconds = time.perf_counter() - started
+
+    # 4. Metrics over the global batch (sums over ranks; every rank gets the same numbers).
+    loss_tokens = sums.pop("loss_tokens")
+    all_rows = [r for (_, responses, _, _, _) in rows for r in responses]
+    # Compute accounting, in model-forward tokens: the student's rollouts (prompt prefill + sampled
+    # tokens), the teachers' scoring forwards, and the student's training forward (+ backward).
+    sums["rollout_tokens"] = sum(len(t.student_ids[i]) + len(r) for indices, responses, _, owns, _ in rows
+                                 for i, r, own in zip(indices, responses, owns) if own)
+    sums["teacher_tokens"] = sum(tokens for _, tokens in scored)
+    sums["train_tokens"] = sum(int(micro.batch.attention.sum()) for micro in micros)
+    keys = sorted(sums)
+    totals = dict(zip(keys + ["response_tokens", "rows"], distributed.all_sum(
+        [sums[k] for k in keys] + [sum(map(len, all_rows)), len(all_rows)])))
+    loss = totals.pop("loss") / loss_tokens
+    sampled_tokens, rkl_sum = totals.pop("sampled_tokens"), totals.pop("rkl_estimate")
+    response_tokens = totals.pop("response_tokens")
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": t.scheduler.get_last_lr()[0], "mix_student": mix,
+               "response_tokens": response_tokens / totals.pop("rows"), "step_seconds": seconds,
+               "response_tokens_per_second": response_tokens / seconds, "loss_tokens": loss_tokens,
+               **{k: int(totals.pop(k)) for k in ("rollout_tokens", "teacher_tokens", "train_tokens")},
+               **{k: v / loss_tokens for k, v in totals.items()}}
+    if sampled_tokens:
+        metrics["rkl_estimate"] = rkl_sum / sampled_tokens
+    if t.validation and (step + 1) % cfg.adaptive_window == 0:
+        metrics["validation_loss"] = validation_loss(t)
+        adapt_mix(cfg, t.state, metrics["validation_loss"])
+    if reward_rows:
+        metrics["reward"] = reward_sum / reward_rows
+    return metrics
+
+
+def teacher_prompt(t: OPDTraining, index: int, completion_text: str) -> list[int]:
+    """The prompt a row's teacher sees: its own chat template, with privileged context if any."""
+    cfg, prompt = t.cfg, t.prompts[index]
+    name = t.route(prompt)
+    if cfg.privileged == "feedback":  # depends on the response: never cached
+        feedback = FEEDBACK[cfg.verifier](completion_text, prompt.reference)
+        return encode_prompt(t.models.tokenizers[name], privileged_prompt(prompt, "feedback", cfg.privileged_template,
+                                                                          feedback))[0].tolist()
+    if (index, name) not in t.teacher_ids:
+        shown = privileged_prompt(prompt, cfg.privileged, cfg.privileged_template)
+        t.teacher_ids[(index, name)] = encode_prompt(t.models.tokenizers[name], shown)[0].tolist()
+    return t.teacher_ids[(index, name)]
+
+
+def dataset_response(t: OPDTraining, index: int) -> list[int]:
+    reference = t.prompts[index].reference
+    if not reference:
+        raise ValueError(f"prompt {index} has no reference answer for dataset samples (mix_student < 1)")
+    tokens = t.models.tokenizer(reference, add_special_tokens=False)["input_ids"][: t.cfg.max_new_tokens]
+    return tokens + [t.models.stop[0]] if len(tokens) < t.cfg.max_new_tokens else tokens
+
+
+def score_micro(t: OPDTraining, indices, responses, logps, owns, texts, rewards) -> tuple[Micro, int]:
+    """Teacher (and reference) scores of one micro-batch's tokens and its loss mask; returns the
+    Micro and the teacher-forward tokens it cost (prompt + response), for compute accounting."""
+    cfg = t.cfg
+    batch = pack([t.student_ids[i] for i in indices], responses, t.pad_id).to(t.device)
+    width = batch.scored.shape[1]
+    parts, teacher_tokens = [], 0
+    for name, scorer in t.scorers.items():
+        mine = [r for r, i in enumerate(indices) if t.route(t.prompts[i]) == name]
+        if mine:
+            shown = [teacher_prompt(t, indices[r], texts[r]) for r in mine]
+            teacher_tokens += sum(len(p) + len(responses[r]) for p, r in zip(shown, mine))
+            parts.append((mine, scorer.score(shown, [responses[r] for r in mine], t.forms, cfg.teacher_topk,
+                                             cfg.loss_temperature)))
+    teacher = merge_scores(parts, len(indices), width) if parts else None
+    mask = batch.scored
+    if cfg.mask_special_tokens:
+        mask = loss_token_mask(batch.targets, batch.scored, t.models.tokenizer.all_special_ids, t.models.loss_stops)
+    old = old_logprobs(logps, owns, batch.scored.shape, t.device) if cfg.importance_sampling else None
+    ref = None
+    if t.ref_scorer is not None:
+        ref = t.ref_scorer.score([t.student_ids[i] for i in indices], responses, set(), 1,
+                                 cfg.loss_temperature).token.logprobs
+    sampled = torch.tensor(owns, dtype=torch.bool, device=t.device)
+    reward = torch.tensor(rewards, device=t.device) if cfg.verifier else None
+    return Micro(batch, mask, teacher, old, ref, sampled, reward), teacher_tokens
+
+
+@torch.no_grad()
+def validation_loss(t: OPDTraining) -> float:
+    """The objective on the held-out prompts' dataset answers (fixed tokens, so losses compare)."""
+    total, tokens = 0.0, 0
+    for start in range(0, len(t.validation), t.cfg.batch_size):
+        indices = t.validation[start: start + t.cfg.batch_size]
+        responses = [dataset_response(t, i) for i in indices]
+        texts = [t.models.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        micro, _ = score_micro(t, indices, responses, [None] * len(indices), [False] * len(indices), texts,
+                               [0.0] * len(indices))
+        loss_tokens, _ = t.objective.fn(response_logits(t.student, micro.batch), micro, t.cfg.loss_temperature)
+        total += float(torch.where(micro.mask, loss_tokens, 0.0).sum())
+        tokens += int(micro.mask.sum())
+    return total / max(1, tokens)
+
+
+# --- build: models, data, optimizer -------------------------------------------------------------
+
+
+def build(cfg: OPDConfig, device: str, sampler: Sampler | None = None,
+          scorers: dict[str, Scorer] | None = None) -> Trainer:
+    objective = cfg.build_objective()
+    rank = distributed.rank()
     prompts = load_prompts(cfg.prompts, limit=cfg.prompt_limit or None)
     if cfg.route_field:
         attach_field(prompts, cfg.prompts, cfg.route_field)
         unknown = sorted({p.meta[cfg.route_field] for p in prompts} - set(cfg.teachers))
         if unknown:
             raise ValueError(f"prompts route to {unknown}, which are not in teachers {sorted(cfg.teachers)}")
-    m = load_models(cfg, [PROBE, prompts[0].messages], device)
-    # Under torchrun: the student (and a self-teacher that follows it, parameter by parameter) is
-    # sharded or replicated by FSDP2; frozen teachers follow teacher_parallel. In place.
-    student, tokenizer = distributed.shard_model(m.student.to(device), cfg.fsdp), m.tokenizer
-    for model in {id(t): t for t in [*m.teachers.values(), m.reference] if t is not None}.values():
-        if model is m.ema:
-            distributed.shard_model(model.to(device), cfg.fsdp, forward_only=True)
-        elif model is not student:
-            distributed.place_frozen(model, cfg.teacher_parallel, device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else m.stop[0]
-    own_sampler = sampler is None and not cfg.rollout_server  # in-process sampling needs the whole student
-    if sampler is None and cfg.rollout_server:
-        sampler = SGLangSampler(cfg.rollout_server, m.stop, cfg.rollout_temperature, cfg.top_p,
-                                patience=cfg.server_patience, start=rank)  # rank r starts on server r
-    sampler = sampler or LocalSampler(student, m.stop, pad_id, cfg.rollout_temperature, cfg.top_p)
-    if scorers is None and servers(cfg):  # rank r starts on server r
-        scorers = {"teacher": SGLangScorer(servers(cfg), patience=cfg.server_patience, start=rank, device=device)}
-    scorers = scorers or {name: LocalScorer(model, pad_id) for name, model in m.teachers.items()}
-    ref_scorer = LocalScorer(m.reference, pad_id) if m.reference is not None else None
-    # Only what the objective reads: full logits [B, R, V] are the largest tensor of the step.
-    forms = {"logits": {"logits"}, "topk": {"topk"}, "token": set()}[cfg.teacher_scores]
-    if not objective.needs & {"dist", "full"}:
-        forms = set()
-
-    def route(prompt) -> str:
-        return prompt.meta[cfg.route_field] if cfg.route_field else next(iter(scorers))
-
-    student_ids = [encode_prompt(tokenizer, p)[0].tolist() for p in prompts]
-    teacher_ids: dict[tuple[int, str], list[int]] = {}  # cached unless the context depends on the response
-
-    def teacher_prompt(index: int, completion_text: str) -> list[int]:
-        name, prompt = route(prompts[index]), prompts[index]
-        if cfg.privileged == "feedback":
-            feedback = FEEDBACK[cfg.verifier](completion_text, prompt.reference)
-            return encode_prompt(m.tokenizers[name], privileged_prompt(prompt, "feedback", cfg.privileged_template,
-                                                                       feedback))[0].tolist()
-        if (index, name) not in teacher_ids:
-            shown = privileged_prompt(prompt, cfg.privileged, cfg.privileged_template)
-            teacher_ids[(index, name)] = encode_prompt(m.tokenizers[name], shown)[0].tolist()
-        return teacher_ids[(index, name)]
-
-    def dataset_response(index: int) -> list[int]:
-        reference = prompts[index].reference
-        if not reference:
-            raise ValueError(f"prompt {index} has no reference answer for dataset samples (mix_student < 1)")
-        tokens = tokenizer(reference, add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
-        return tokens + [m.stop[0]] if len(tokens) < cfg.max_new_tokens else tokens
-
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
     validation = []  # DistiLLM's adaptive schedule watches a loss on held-out prompts
     if cfg.mix_schedule == "adaptive":
@@ -328,161 +399,67 @@ def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = N
                              f"adaptive_validation={cfg.adaptive_validation}")
         validation, order = order[-cfg.adaptive_validation:].tolist(), order[: -cfg.adaptive_validation]
 
-    tally = {"teacher_tokens": 0}  # teacher-forward tokens (prompt + response), for compute accounting
+    m = load_models(cfg, [PROBE, prompts[0].messages], device)
+    # Under torchrun: the student (and a self-teacher that follows it, parameter by parameter) is
+    # sharded or replicated by FSDP2; frozen teachers follow teacher_parallel. In place.
+    student, tokenizer = distributed.shard_model(m.student.to(device), cfg.fsdp), m.tokenizer
+    for model in {id(x): x for x in [*m.teachers.values(), m.reference] if x is not None}.values():
+        if model is m.ema:
+            distributed.shard_model(model.to(device), cfg.fsdp, forward_only=True)
+        elif model is not student:
+            distributed.place_frozen(model, cfg.teacher_parallel, device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else m.stop[0]
+    own_sampler = sampler is None and not cfg.rollout_server
+    if sampler is None and cfg.rollout_server:
+        sampler = SGLangSampler(cfg.rollout_server, m.stop, cfg.rollout_temperature, cfg.top_p,
+                                patience=cfg.server_patience, start=rank,  # rank r starts on server r
+                                loss_temperature=cfg.loss_temperature)
+    sampler = sampler or LocalSampler(student, m.stop, pad_id, cfg.rollout_temperature, cfg.top_p,
+                                      loss_temperature=cfg.loss_temperature)
+    if scorers is None and cfg.servers():  # rank r starts on server r
+        scorers = {"teacher": SGLangScorer(cfg.servers(), patience=cfg.server_patience, start=rank, device=device)}
+    scorers = scorers or {name: LocalScorer(model, pad_id) for name, model in m.teachers.items()}
+    # Only what the objective reads: full logits [B, R, V] are the largest tensor of the step.
+    forms = {"logits": {"logits"}, "topk": {"topk"}, "token": set()}[cfg.teacher_scores]
+    if not objective.needs & {"dist", "full"}:
+        forms = set()
 
-    def micro_for(indices, responses, logps, owns, texts, rewards) -> Micro:
-        """Teacher (and reference) scores of the same tokens, the loss mask: one micro-batch."""
-        batch = pack([student_ids[i] for i in indices], responses, pad_id).to(device)
-        width = batch.scored.shape[1]
-        parts = []
-        for name, scorer in scorers.items():
-            mine = [r for r, i in enumerate(indices) if route(prompts[i]) == name]
-            if mine:
-                shown = [teacher_prompt(indices[r], texts[r]) for r in mine]
-                tally["teacher_tokens"] += sum(len(p) + len(responses[r]) for p, r in zip(shown, mine))
-                parts.append((mine, scorer.score(shown, [responses[r] for r in mine], forms, cfg.teacher_topk,
-                                                 cfg.loss_temperature)))
-        teacher = merge_scores(parts, len(indices), width) if parts else None
-        mask = batch.scored
-        if cfg.mask_special_tokens:
-            mask = loss_token_mask(batch.targets, batch.scored, tokenizer.all_special_ids, m.loss_stops)
-        old = None
-        if cfg.importance_sampling:
-            old = torch.full(batch.scored.shape, float("nan"))
-            for r, lp in enumerate(logps):
-                if lp is not None:
-                    old[r, : len(lp)] = torch.tensor(lp)
-            old = old.to(device)
-        ref = None
-        if ref_scorer is not None:
-            ref = ref_scorer.score([student_ids[i] for i in indices], responses, set(), 1,
-                                   cfg.loss_temperature).token.logprobs
-        sampled = torch.tensor(owns, dtype=torch.bool, device=device)
-        reward = torch.tensor(rewards, device=device) if cfg.verifier else None
-        return Micro(batch, mask, teacher, old, ref, sampled, reward)
-
-    @torch.no_grad()
-    def validation_loss() -> float:
-        """The objective on the held-out prompts' dataset answers (fixed tokens, so losses compare)."""
-        total, tokens = 0.0, 0
-        for start in range(0, len(validation), cfg.batch_size):
-            indices = validation[start: start + cfg.batch_size]
-            responses = [dataset_response(i) for i in indices]
-            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-            micro = micro_for(indices, responses, [None] * len(indices), [False] * len(indices), texts,
-                              [0.0] * len(indices))
-            loss_tokens, _ = objective.fn(response_logits(student, micro.batch), micro, cfg.loss_temperature)
-            total += float(torch.where(micro.mask, loss_tokens, 0.0).sum())
-            tokens += int(micro.mask.sum())
-        return total / max(1, tokens)
+    student_ids = [encode_prompt(tokenizer, p)[0].tolist() for p in prompts]
+    check_fits_context(student_ids, cfg.max_new_tokens, student, cfg.prompts, "max_new_tokens")
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    state: dict = {"step": 0}
-    if cfg.resume and (out / "checkpoint" / "trainer_state.json").is_file():
-        state = load_checkpoint(out / "checkpoint", student, optimizer, scheduler)
-        if m.ema is not None:  # the EMA / refreshed self-teacher of that step
-            missing, unexpected = distributed.load_full_state_dict(
-                m.ema, load_file(out / f"ema-{state['step']}.safetensors"))
+    optimizer, scheduler = make_optimizer(cfg, params)
+    training = OPDTraining(
+        cfg, objective, m, student, params, optimizer, scheduler, sampler, own_sampler, scorers,
+        LocalScorer(m.reference, pad_id) if m.reference is not None else None, forms, prompts,
+        student_ids, order, validation, pad_id, device,
+        state={}, teacher_ids={})
+    out = Path(cfg.out_dir)
+
+    def on_start(step: int) -> None:
+        if m.ema is not None and step > 0:  # the EMA / refreshed self-teacher of the resumed step
+            missing, unexpected = distributed.load_full_state_dict(m.ema, load_file(out / f"ema-{step}.safetensors"))
             if [k for k in missing if k != "lm_head.weight"] or unexpected:
                 raise ValueError(f"{out}: self-teacher weights do not match (missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]})")
-    sync = getattr(sampler, "sync", None)  # a server sampler samples from the weights last pushed to it
-    if sync is not None:
-        sync(student, state["step"])
-    log = MetricsLog(out, enabled=main)
-    if main:
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-
-    bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="opd",
-               disable=not (progress and main))
-    for step in bar:
-        started = time.perf_counter()
-        generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * world + rank)
-        mix = mix_student_at(cfg, step, state)
-
-        # 1. Rollouts for the whole step first: rewards are centred, and the loss normalised, over it.
-        rows = []  # per micro-batch: (prompt indices, responses, sampler log-probs or None, texts)
-        for micro in range(cfg.grad_accum):
-            indices = [i for i in batch_indices(step, micro, cfg, order, rank, world) for _ in range(cfg.group_size)]
-            by_student = (torch.rand(len(indices), generator=generator) < mix).tolist()
-            chosen = [i for i, s in zip(indices, by_student) if s]
-            with distributed.gathered(student) if own_sampler else contextlib.nullcontext():
-                samples = iter(sampler.sample([student_ids[i] for i in chosen], cfg.max_new_tokens, generator)
-                               if chosen else [])
-            responses, logps = [], []
-            for index, own in zip(indices, by_student):
-                c = next(samples) if own else None
-                responses.append(c.tokens if own else dataset_response(index))
-                logps.append(c.logprobs if own else None)
-            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-            rows.append((indices, responses, logps, by_student, texts))
-        flat_rewards = [REWARDS[cfg.verifier](t, prompts[i].reference) if own and cfg.verifier else None
-                        for indices, _, _, owns, texts in rows for i, own, t in zip(indices, owns, texts)]
-        given = [r for r in flat_rewards if r is not None]
-        reward_sum, reward_rows = distributed.all_sum([sum(given), len(given)])
-        step_mean = reward_sum / reward_rows if reward_rows and world > 1 else None
-        centred = iter(centred_rewards(flat_rewards, cfg.group_size, step_mean))
-
-        # 2. Teacher (and reference) scores of the same tokens; loss masks.
-        tally["teacher_tokens"] = 0
-        micros = [micro_for(indices, responses, logps, owns, texts, [next(centred) for _ in indices])
-                  for indices, responses, logps, owns, texts in rows]
-
-        # 3. Student forward and backward, one optimizer step.
-        optimizer.zero_grad(set_to_none=True)
-        sums = accumulate(student, micros, objective, cfg.loss_temperature, cfg.reward_weight)
-        grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
+        sync = getattr(sampler, "sync", None)  # a server sampler samples from the weights last pushed to it
         if sync is not None:
-            sync(student, step + 1)
-        if m.ema is not None and cfg.self_teacher == "ema":
-            ema_update(m.ema, student, cfg.ema_decay)
-        elif m.ema is not None and (step + 1) % cfg.teacher_refresh_every == 0:
-            copy_weights(m.ema, student)
-        seconds = time.perf_counter() - started
+            sync(student, step)
 
-        # Metrics over the global batch (sums over ranks; every rank gets the same numbers).
-        loss_tokens = sums.pop("loss_tokens")
-        all_rows = [r for (_, responses, _, _, _) in rows for r in responses]
-        # Compute accounting, in model-forward tokens: the student's rollouts (prompt prefill + sampled
-        # tokens), the teachers' scoring forwards, and the student's training forward (+ backward).
-        sums["rollout_tokens"] = sum(len(student_ids[i]) + len(r) for indices, responses, _, owns, _ in rows
-                                     for i, r, own in zip(indices, responses, owns) if own)
-        sums["teacher_tokens"] = tally["teacher_tokens"]
-        sums["train_tokens"] = sum(int(micro.batch.attention.sum()) for micro in micros)
-        keys = sorted(sums)
-        totals = dict(zip(keys + ["response_tokens", "rows"], distributed.all_sum(
-            [sums[k] for k in keys] + [sum(map(len, all_rows)), len(all_rows)])))
-        loss = totals.pop("loss") / loss_tokens
-        sampled_tokens, rkl_sum = totals.pop("sampled_tokens"), totals.pop("rkl_estimate")
-        response_tokens = totals.pop("response_tokens")
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "mix_student": mix,
-                   "response_tokens": response_tokens / totals.pop("rows"), "step_seconds": seconds,
-                   "response_tokens_per_second": response_tokens / seconds, "loss_tokens": loss_tokens,
-                   **{k: int(totals.pop(k)) for k in ("rollout_tokens", "teacher_tokens", "train_tokens")},
-                   **{k: v / loss_tokens for k, v in totals.items()}}
-        if sampled_tokens:
-            metrics["rkl_estimate"] = rkl_sum / sampled_tokens
-        if validation and (step + 1) % cfg.adaptive_window == 0:
-            metrics["validation_loss"] = validation_loss()
-            adapt_mix(cfg, state, metrics["validation_loss"])
-        if reward_rows:
-            metrics["reward"] = reward_sum / reward_rows
-        log.write(step + 1, **metrics)
-        bar.set_postfix(loss=f"{loss:.3f}", rkl=f"{metrics.get('rkl_estimate', float('nan')):.3f}")
-        state["step"] = step + 1
-        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
-            if m.ema is not None:
-                save_ema(out, m.ema, state["step"])
-            save_checkpoint(out / "checkpoint", student, optimizer, scheduler, state)
-            if main:
-                drop_old_ema(out, state["step"])
+    def after_save(step: int) -> None:
+        if m.ema is not None and distributed.is_main():
+            drop_old_ema(out, step)
 
-    export_hf(out / "final", student, tokenizer)
-    summary = {"steps": state["step"], "out_dir": str(out), "final": str(out / "final"),
-               "objective": cfg.objective}
-    if main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return Trainer(
+        name="opd", model=student, optimizer=optimizer, scheduler=scheduler, step=partial(step, training),
+        export=lambda path: export_hf(path, student, tokenizer), state=training.state,
+        shown={"loss": "loss", "rkl": "rkl_estimate"}, on_start=on_start,
+        before_save=(lambda step: save_ema(out, m.ema, step)) if m.ema is not None else None,
+        after_save=after_save, summary=lambda _: {"objective": cfg.objective})
+
+
+
+def train_opd(cfg: OPDConfig, progress: bool = True, sampler: Sampler | None = None,
+              scorers: dict[str, Scorer] | None = None) -> dict:
+    """Run the recipe. `sampler` / `scorers` replace the in-process student sampler / teachers
+    (e.g. server backends); by default both run in this process."""
+    return run(cfg, partial(build, sampler=sampler, scorers=scorers), progress)
