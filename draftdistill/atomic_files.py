@@ -55,12 +55,7 @@ def fsync_tree(root: Path) -> None:
     """Flush every file under `root`, and the directories, to the disk (a rename is only as durable
     as the bytes behind it); best effort where the filesystem refuses."""
     for path in sorted(root.rglob("*"), reverse=True) + [root]:
-        with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        fsync_path(path)
 
 
 def swap_into_place(tmp: Path, directory: Path) -> None:
@@ -79,13 +74,17 @@ def swap_into_place(tmp: Path, directory: Path) -> None:
         remove_path(old)
 
 
-def fsync_dir(directory: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush one file or directory to the disk; best effort where the filesystem refuses."""
     with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+fsync_dir = fsync_path  # a directory's entries (the renames in it) are flushed the same way
 
 
 def temporaries(directory: Path) -> list[Path]:

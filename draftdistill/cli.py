@@ -86,17 +86,16 @@ def fmt(value, spec=".3f") -> str:
 
 
 def load_config(ctx: click.Context, _param, path: str | None):
-    """``--config FILE.yaml``: its keys become the command's defaults; explicit options override them."""
+    """``--config FILE.yaml``: its keys become the command's defaults; explicit options override them.
+    Read by the same loader as every config in configs/ (errors name the file and line)."""
     if path is None:
         return None
-    import yaml
+    from draftdistill.train.config import ConfigError, read_yaml_mapping
 
     try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise click.BadParameter(f"{path}: {e}") from None
-    if not isinstance(values, dict):
-        raise click.BadParameter(f"{path}: expected a mapping of option names to values")
+        values = read_yaml_mapping(path)
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
     # A key is an option's long name (``max_new_tokens`` or ``max-new-tokens``, ``json``).
     param_of = {opt.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params for opt in p.opts}
     keys = {str(k).replace("-", "_"): v for k, v in values.items()}

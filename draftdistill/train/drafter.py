@@ -16,8 +16,7 @@ from functools import partial
 
 import torch
 
-from draftdistill.data import encode_prompt, load_prompts, stop_token_ids
-from draftdistill.data.chat import check_fits_context
+from draftdistill.data import load_prompts, stop_token_ids
 from draftdistill.export import export_hf
 from draftdistill.losses import acceptance_rate, get_divergence, parse_divergence
 from draftdistill.models import load_drafter, load_target, require_lm_drafter
@@ -25,7 +24,7 @@ from draftdistill.models import load_drafter, load_target, require_lm_drafter
 from . import distributed
 from .batching import ResponseBatch, pack, response_logits
 from .config import at_least, require
-from .drafting import DraftConfig, decoder_report, micro_batch_rows
+from .drafting import DraftConfig, decoder_report, encode_prompts, micro_batch_rows
 from .loop import Trainer, apply_update, make_optimizer, run
 from .osd import rejected_mask
 from .rollouts import RolloutSource
@@ -145,10 +144,7 @@ def build(cfg: DrafterConfig, device: str) -> Trainer:
     eos = stop_token_ids(tokenizer, target)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
-    prompt_ids = [encode_prompt(tokenizer, p).to(device) for p in prompts]
-    eval_ids = [encode_prompt(tokenizer, p).to(device) for p in eval_prompts]
-    check_fits_context(prompt_ids, cfg.response_tokens, target, cfg.prompts, "response_tokens")
-    check_fits_context(eval_ids, cfg.eval_max_new_tokens, target, cfg.eval_prompts, "eval_max_new_tokens")
+    prompt_ids, eval_ids = encode_prompts(cfg, tokenizer, target, prompts, eval_prompts, device)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
     rollouts = RolloutSource(target, drafter, tokenizer, prompts, prompt_ids, response_tokens=cfg.response_tokens,
                              temperature=cfg.rollout_temperature, eos_token_id=eos, seed=cfg.seed,

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from draftdistill.data import encode_prompt
+from draftdistill.data.chat import check_fits_context
 from draftdistill.eval import evaluate_drafter
 from draftdistill.losses import parse_divergence
 from draftdistill.spec import SamplingConfig
@@ -49,6 +51,16 @@ class DraftConfig(TrainConfig):
 
     def mix(self) -> dict[str, float]:
         return {"dataset": self.mix_dataset, "target": self.mix_target, "drafter": getattr(self, "mix_drafter", 0.0)}
+
+
+def encode_prompts(cfg: DraftConfig, tokenizer, target, prompts, eval_prompts, device) -> tuple[list, list]:
+    """Training and held-out prompts as ids with the target's chat template, each checked against the
+    target's context with the tokens generated after it (before any compute)."""
+    prompt_ids = [encode_prompt(tokenizer, p).to(device) for p in prompts]
+    eval_ids = [encode_prompt(tokenizer, p).to(device) for p in eval_prompts]
+    check_fits_context(prompt_ids, cfg.response_tokens, target, cfg.prompts, "response_tokens")
+    check_fits_context(eval_ids, cfg.eval_max_new_tokens, target, cfg.eval_prompts, "eval_max_new_tokens")
+    return prompt_ids, eval_ids
 
 
 def micro_batch_rows(step: int, micro: int, cfg: DraftConfig, order: torch.Tensor, rollouts: RolloutSource,

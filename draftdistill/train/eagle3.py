@@ -25,8 +25,7 @@ from functools import partial
 
 import torch
 
-from draftdistill.data import encode_prompt, load_prompts, stop_token_ids
-from draftdistill.data.chat import check_fits_context
+from draftdistill.data import load_prompts, stop_token_ids
 from draftdistill.export import export_sglang_eagle3
 from draftdistill.losses import get_divergence, parse_divergence
 from draftdistill.models import load_drafter, load_target
@@ -35,7 +34,7 @@ from draftdistill.models.eagle3 import build_eagle3_head
 
 from . import distributed
 from .config import at_least, one_of, require
-from .drafting import DraftConfig, decoder_report, micro_batch_rows
+from .drafting import DraftConfig, decoder_report, encode_prompts, micro_batch_rows
 from .feature_cache import FeatureCache, cache_identity
 from .loop import Trainer, apply_update, make_optimizer, rates, run
 from .rollouts import RolloutSource
@@ -203,10 +202,7 @@ def build(cfg: Eagle3Config, device: str) -> Trainer:
     target, tokenizer = load_target(cfg.target, device="cpu" if shard_target else device)
     eos = stop_token_ids(tokenizer, target)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    prompt_ids = [encode_prompt(tokenizer, p).to(device) for p in prompts]
-    eval_ids = [encode_prompt(tokenizer, p).to(device) for p in eval_prompts]
-    check_fits_context(prompt_ids, cfg.response_tokens, target, cfg.prompts, "response_tokens")
-    check_fits_context(eval_ids, cfg.eval_max_new_tokens, target, cfg.eval_prompts, "eval_max_new_tokens")
+    prompt_ids, eval_ids = encode_prompts(cfg, tokenizer, target, prompts, eval_prompts, device)
 
     # The head trains in float32 (its optimizer state too); the embedding stays the target's, frozen
     # (shared with a replicated target on the same device, a copy when the target is sharded).
