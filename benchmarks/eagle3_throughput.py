@@ -173,14 +173,16 @@ def main(argv=None):
 
     context_tokens = args.batch * args.seq * args.steps
     head_positions = args.batch * (args.seq - 1) * args.steps  # every position runs every TTT step
-    target_params = parameter_count(target) - target.config.vocab_size * target.config.hidden_size  # no embedding matmul
+    # no embedding matmul
+    target_params = parameter_count(target) - target.config.vocab_size * target.config.hidden_size
     head_params = parameter_count(head, skip=head.weights_from_target)
     flops = 2 * target_params * target_tokens + 6 * head_params * head_positions * args.ttt_steps
     machine = machine_info(args.device)
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu_name), None)
     result = {
-        "name": "eagle3_throughput", "command": "python benchmarks/eagle3_throughput.py " + " ".join(argv or sys.argv[1:]),
+        "name": "eagle3_throughput",
+        "command": "python benchmarks/eagle3_throughput.py " + " ".join(argv or sys.argv[1:]),
         "machine": {**machine, "gpu": gpu_name}, "settings": vars(args),
         "target_params": parameter_count(target), "head_trainable_params": head_params,
         "step_seconds": seconds / args.steps,

@@ -54,7 +54,8 @@ def main(argv=None):
             "torchrun_replicated": run(args, "ddp", torchrun, ["fsdp=false"])}
     for arm in arms.values():
         arm["step_time_over_plain"] = arm["step_seconds"] / arms["plain"]["step_seconds"]
-    result = {"name": "fsdp_overhead", "command": "python benchmarks/fsdp_overhead.py " + " ".join(argv or sys.argv[1:]),
+    result = {"name": "fsdp_overhead",
+              "command": "python benchmarks/fsdp_overhead.py " + " ".join(argv or sys.argv[1:]),
               "machine": machine_info(args.device), "settings": vars(args), "arms": arms}
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"fsdp_overhead_{args.device.split(':')[0]}.json")
     out.write_text(json.dumps(result, indent=1))

@@ -161,7 +161,8 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
-    print(json.dumps({"summary": result["summary"], "windows": result["windows"], "identical_outputs": result["identical_outputs"],
+    print(json.dumps({"summary": result["summary"], "windows": result["windows"],
+                      "identical_outputs": result["identical_outputs"],
                       "swap_pause_ms": result["swap_pause_ms"]}, indent=1))
 
 

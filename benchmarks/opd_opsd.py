@@ -140,7 +140,8 @@ def main(argv=None):
             rows = [json.loads(line) for line in (work / arm / "metrics.jsonl").read_text().splitlines()]
             rows = [r for r in rows if "loss" in r]
             train = {"steps": steps, **compute(rows, params), "first_loss": rows[0]["loss"],
-                     "final_loss": rows[-1]["loss"], "mean_response_tokens": sum(r["response_tokens"] for r in rows) / len(rows),
+                     "final_loss": rows[-1]["loss"],
+                     "mean_response_tokens": sum(r["response_tokens"] for r in rows) / len(rows),
                      "config": {k: v for k, v in vars(cfg).items() if k not in ("out_dir", "device")}}
             if arm == "opsd":
                 opsd_flops = train["flops"]

@@ -102,7 +102,8 @@ def main(argv=None):
         eval_sets["chat"] = load_prompts("sharegpt:heldout", limit=args.eval_chat)
     eval_ids = {name: [encode_prompt(tokenizer, p) for p in ps] for name, ps in eval_sets.items()}
 
-    result = {"name": "quality_drafter", "command": "python benchmarks/quality_drafter.py " + " ".join(argv or sys.argv[1:]),
+    result = {"name": "quality_drafter",
+              "command": "python benchmarks/quality_drafter.py " + " ".join(argv or sys.argv[1:]),
               "machine": machine_info("cpu"), "settings": vars(args), "arms": {}}
     if args.merge and out.exists():
         result = merge_previous(json.loads(out.read_text()), result)
@@ -115,7 +116,8 @@ def main(argv=None):
             cfg = DrafterConfig(drafter=args.drafter, prompts="gsm8k:train", prompt_limit=args.pool,
                                    response_tokens=args.response_tokens, steps=args.steps, batch_size=args.batch_size,
                                    lr=args.lr, gamma=args.gamma, eval_every=args.steps, save_every=args.steps,
-                                   eval_num_prompts=2, eval_max_new_tokens=16, out_dir=str(work / arm), resume=False, device="cpu",
+                                   eval_num_prompts=2, eval_max_new_tokens=16, out_dir=str(work / arm), resume=False,
+                                   device="cpu",
                                    target_cache=str(work / "target_responses.jsonl"), **recipe)
             train_summary = train_drafter(cfg, progress=True)
             rows = [json.loads(l) for l in (work / arm / "metrics.jsonl").read_text().splitlines()]

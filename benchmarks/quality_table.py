@@ -16,7 +16,8 @@ def main(path="benchmarks/results/quality_drafter.json"):
     sets = list(next(iter(arms.values()))["eval"])
     offline = arms.get("offline_fkl")
     print("| arm | divergence | contexts | " + " | ".join(f"tau {s}" for s in sets)
-          + " | alpha per position (" + sets[0] + ") | target tokens (rollout + scored) | est. alpha, training (last 10 steps) | train s |")
+          + " | alpha per position (" + sets[0] + ") | target tokens (rollout + scored)"
+          " | est. alpha, training (last 10 steps) | train s |")
     print("|---" * (len(sets) + 7) + "|")
     for name, arm in arms.items():
         recipe, train = arm["recipe"] or {}, arm["train"] or {}
@@ -30,7 +31,8 @@ def main(path="benchmarks/results/quality_drafter.json"):
         alphas = " ".join(fmt(a) for a in arm["eval"][sets[0]]["alpha_per_position"])
         tokens = (f"{train['target_rollout_tokens']} + {train['target_scored_tokens']}" if train else "0")
         print(f"| {name} | {recipe.get('divergence', '-')} | {contexts} | " + " | ".join(taus)
-              + f" | {alphas} | {tokens} | {fmt(train.get('est_alpha_last10', train.get('final_est_alpha')))} | {arm['train_seconds']:.0f} |")
+              + f" | {alphas} | {tokens} | {fmt(train.get('est_alpha_last10', train.get('final_est_alpha')))}"
+              f" | {arm['train_seconds']:.0f} |")
 
 
 if __name__ == "__main__":

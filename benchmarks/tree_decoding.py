@@ -81,7 +81,8 @@ def main(argv=None):
                 if temperature == 0:
                     arm["outputs_identical_to_chain"] = out == chain_out  # both are the target's greedy text
                 run["trees"].append(arm)
-                print(f"{name} T={temperature:g} tree {tree.depth}/{tree.top_k}/{tree.max_nodes}: tau {stats['tau']:.3f} "
+                print(f"{name} T={temperature:g} tree {tree.depth}/{tree.top_k}/{tree.max_nodes}: "
+                      f"tau {stats['tau']:.3f} "
                       f"vs chain {chain['tau']:.3f}; tok/s {stats['tokens_per_second']:.2f} vs "
                       f"{chain['tokens_per_second']:.2f}", flush=True)
             result["runs"].append(run)

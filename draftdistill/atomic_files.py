@@ -60,9 +60,9 @@ def fsync_tree(root: Path) -> None:
 
 def swap_into_place(tmp: Path, directory: Path) -> None:
     """Replace `directory` by the complete `tmp`: directory -> directory.old, tmp -> directory, remove
-    .old. Killed at any point, it leaves a state draftdistill.train.checkpoint.recover_checkpoint_dir turns back into one complete
-    directory (the previous or the new one). A stale .old (left by a killed save; `directory` is then
-    the complete one) is removed first, so it never blocks the rename."""
+    .old. Killed at any point, it leaves a state draftdistill.train.checkpoint.recover_checkpoint_dir turns
+    back into one complete directory (the previous or the new one). A stale .old (left by a killed save;
+    `directory` is then the complete one) is removed first, so it never blocks the rename."""
     old = old_path(directory)
     if directory.exists():
         if old.exists() or old.is_symlink():

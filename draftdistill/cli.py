@@ -396,7 +396,8 @@ def bench_spec(target, drafters, temperatures, prompts, num_prompts, max_new_tok
     click.echo(f"{'drafter':<10} {'T':>3} {'tau':>6} {'hf tau':>7} {'tok/s':>7} {'hf tok/s':>9} "
                f"{'target tok/s':>13} {'speedup':>8}")
     for r in rows:
-        click.echo(f"{r['drafter']:<10} {r['temperature']:>3g} {r['ours']['tau']:>6.2f} {r['hf_assisted']['tau']:>7.2f} "
+        click.echo(f"{r['drafter']:<10} {r['temperature']:>3g} {r['ours']['tau']:>6.2f} "
+                   f"{r['hf_assisted']['tau']:>7.2f} "
                    f"{r['ours']['tokens_per_second']:>7.1f} {r['hf_assisted']['tokens_per_second']:>9.1f} "
                    f"{r['ours_target_only']['tokens_per_second']:>13.1f} {r['speedup_vs_our_target_only']:>7.2f}x")
     click.echo(f"wrote {out} and {plot}")
@@ -417,8 +418,10 @@ def bench_spec(target, drafters, temperatures, prompts, num_prompts, max_new_tok
 @click.option("--warmup", default=3, show_default=True, help="Untimed runs first (compilation, autotuning, caches).")
 @click.option("--hidden", default=4096, show_default=True,
               help="Hidden size of the fused linear + JSD rows; 0 leaves them out.")
-@click.option("--block-size", default=None, type=int, help="Vocabulary tile of the kernels (a power of two); default: their heuristic.")
-@click.option("--out-dir", default="benchmarks/results", show_default=True, help="Where kernels_<vocab>.json are written.")
+@click.option("--block-size", default=None, type=int,
+              help="Vocabulary tile of the kernels (a power of two); default: their heuristic.")
+@click.option("--out-dir", default="benchmarks/results", show_default=True,
+              help="Where kernels_<vocab>.json are written.")
 @click.option("--interpret", is_flag=True,
               help="No GPU: a tiny CPU smoke run under TRITON_INTERPRET=1 that checks the fused path against "
                    "the references; no timings, nothing written.")

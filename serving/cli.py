@@ -17,13 +17,15 @@ def serve():
 
 @serve.command("embedded")
 @click.option("--target", default=DEFAULT_TARGET, show_default=True, help="Target model (builtin name, HF dir, .gguf).")
-@click.option("--drafter", default="pruned:2", show_default=True, help="Drafter: pruned:K, small:..., or a trained drafter dir.")
+@click.option("--drafter", default="pruned:2", show_default=True,
+              help="Drafter: pruned:K, small:..., or a trained drafter dir.")
 @click.option("--port", default=8000, show_default=True, help="Port on 127.0.0.1 (loopback only).")
 @click.option("--gamma", default=4, show_default=True, help="Draft tokens proposed per target forward.")
 @tree_options
 @click.option("--online/--no-online", default=False, show_default=True,
               help="Distil the drafter from the served traffic in the background and hot-swap it (gated).")
-@click.option("--divergence", default="fkl", show_default=True, help="Online loss (any registry spec, e.g. jsd:beta=0.5).")
+@click.option("--divergence", default="fkl", show_default=True,
+              help="Online loss (any registry spec, e.g. jsd:beta=0.5).")
 @click.option("--rejected-only", is_flag=True, help="OSD: online loss only where the served drafter would be rejected.")
 @click.option("--lr", default=3e-4, show_default=True, help="Online learning rate.")
 @click.option("--update-every", default=16, show_default=True, help="New requests needed before each update.")
@@ -50,9 +52,9 @@ def serve():
 @click.option("--control-token", default=None, envvar="DRAFTDISTILL_CONTROL_TOKEN", show_envvar=True,
               help="When set, POST /control/weights also needs 'Authorization: Bearer TOKEN' (401 otherwise). "
                    "Prefer the environment variable: a command line is visible to other local users.")
-def serve_embedded(target, drafter, port, gamma, tree_depth, tree_top_k, tree_max_nodes, online, divergence, rejected_only,
-                   lr, update_every, window, device, max_tokens_limit, max_body_bytes, read_timeout, request_timeout,
-                   max_pending, max_connections, backlog, control_token):
+def serve_embedded(target, drafter, port, gamma, tree_depth, tree_top_k, tree_max_nodes, online, divergence,
+                   rejected_only, lr, update_every, window, device, max_tokens_limit, max_body_bytes, read_timeout,
+                   request_timeout, max_pending, max_connections, backlog, control_token):
     """Start the embedded server: POST /v1/completions, GET /health and /metrics, POST /control/weights.
 
     Every request is bounded (size, read time, tokens, generation time, queue) and every refusal is
@@ -82,10 +84,12 @@ def serve_embedded(target, drafter, port, gamma, tree_depth, tree_top_k, tree_ma
     server = make_http_server(engine, port, limits=limits)
     stop = threading.Event()
     if online:
-        distiller = OnlineDistiller(engine, drafter_model, OnlineConfig(divergence=divergence, rejected_only=rejected_only,
-                                                                         lr=lr, update_every=update_every, window=window))
+        distiller = OnlineDistiller(engine, drafter_model,
+                                    OnlineConfig(divergence=divergence, rejected_only=rejected_only,
+                                                 lr=lr, update_every=update_every, window=window))
         distiller.run_in_background(stop)
-    click.echo(f"serving on http://127.0.0.1:{server.server_address[1]} (online distillation {'on' if online else 'off'})")
+    click.echo(f"serving on http://127.0.0.1:{server.server_address[1]} "
+               f"(online distillation {'on' if online else 'off'})")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -101,7 +105,8 @@ def serve_embedded(target, drafter, port, gamma, tree_depth, tree_top_k, tree_ma
               help="The draft model the server runs (an HF dir; the same one as --speculative-draft-model-path).")
 @click.option("--target", default=DEFAULT_TARGET, show_default=True,
               help="The server's target, loaded here only for its tokenizer check and shared tensors.")
-@click.option("--log-dir", default=None, help="The server's JSON request-log folder (default: asked from /server_info).")
+@click.option("--log-dir", default=None,
+              help="The server's JSON request-log folder (default: asked from /server_info).")
 @click.option("--divergence", default="topk_tail:k=20,base=fkl", show_default=True,
               help="Online loss; the server returns top-k teacher log-probs, so a top-k divergence fits.")
 @click.option("--top-k", default=20, show_default=True, help="Teacher top-k log-probs requested per position.")

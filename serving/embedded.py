@@ -114,7 +114,8 @@ class EmbeddedSpecServer:
         if self.context_length is not None and len(prompt_ids) + max_new_tokens > self.context_length:
             raise RequestError("max_tokens", f"the prompt ({len(prompt_ids)} tokens) + max_tokens ({max_new_tokens}) "
                                              f"exceeds the model's context of {self.context_length} tokens")
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature) \
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
+                or not math.isfinite(temperature) \
                 or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
             raise RequestError("temperature", f"must be 0 (greedy) or a finite number in [{MIN_TEMPERATURE}, "
                                               f"{MAX_TEMPERATURE}], got {str(temperature)[:40]}")
@@ -211,7 +212,8 @@ class EmbeddedSpecServer:
         for names in tied.values():
             given = [n for n in names if n in named_tensors]
             if complete and not given:
-                raise ValueError(f"draft weight {names[0]} is missing (a full set of the drafter's weights is required)")
+                raise ValueError(f"draft weight {names[0]} is missing "
+                                 "(a full set of the drafter's weights is required)")
             if complete and any(not torch.equal(named_tensors[given[0]], named_tensors[n]) for n in given[1:]):
                 raise ValueError(f"draft weights {given}: one tied tensor given two different values")
 

@@ -169,7 +169,8 @@ class RequestLogTailer:
 
     def _list(self) -> list[tuple[Path, os.stat_result]]:
         root = Path(self.path)
-        paths = [root] if root.is_file() else (sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else [])
+        paths = [root] if root.is_file() else (
+            sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else [])
         found = []
         for p in paths:
             try:

@@ -15,7 +15,8 @@ def test_spec_benchmark_rows_compare_all_arms_on_the_same_prompts():
     assert [(r["drafter"], r["temperature"]) for r in rows] == [("pruned:1", 0.0), ("pruned:1", 1.0)]
     greedy = rows[0]
     # Greedy decoding is deterministic: every arm emits the same number of tokens.
-    assert greedy["ours"]["new_tokens"] == greedy["ours_target_only"]["new_tokens"] == greedy["hf_assisted"]["new_tokens"]
+    assert greedy["ours"]["new_tokens"] == greedy["ours_target_only"]["new_tokens"] \
+        == greedy["hf_assisted"]["new_tokens"]
     assert greedy["ours_target_only"]["target_calls"] == greedy["ours_target_only"]["new_tokens"]
     for r in rows:
         assert 1.0 <= r["ours"]["tau"] <= 4.0 and r["hf_assisted"]["tau"] >= 1.0

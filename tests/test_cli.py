@@ -72,7 +72,8 @@ def test_building_the_cli_does_not_import_torch():
     import sys
 
     code = "import sys, draftdistill.cli; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
 
 
 def test_malformed_prompt_file_is_a_clear_error(tmp_path):

@@ -192,6 +192,7 @@ def test_rewards_and_baselines():
     assert extract_answer("The answer is $18.00.") == "18"
     assert gsm8k_reward("... she earned 10 dollars", "#### 10") == 1.0
     assert gsm8k_reward("I think 11", "#### 10") == 0.0
-    assert "incorrect" in gsm8k_feedback("I think 11", "#### 10") and "10" not in gsm8k_feedback("I think 11", "#### 10")
+    assert "incorrect" in gsm8k_feedback("I think 11", "#### 10") \
+        and "10" not in gsm8k_feedback("I think 11", "#### 10")
     assert centred_rewards([1.0, 0.0, None, 1.0], 1) == pytest.approx([1 / 3, -2 / 3, 0.0, 1 / 3])
     assert centred_rewards([1.0, 0.0, 1.0, 1.0], 2) == pytest.approx([0.5, -0.5, 0.0, 0.0])

@@ -189,7 +189,8 @@ def test_sft_is_the_dataset_answers_negative_log_likelihood(setup):
     train_opd(config(setup, "sft", objective="sft", teacher="none", mix_student=0.0, prompt_limit=2,
                      max_new_tokens=32, steps=1), progress=False)
     row = json.loads((root / "sft" / "metrics.jsonl").read_text().splitlines()[0])
-    tokenizer, model = load_tokenizer(resolve_model_source(str(student))), AutoModelForCausalLM.from_pretrained(student).float()
+    tokenizer, model = (load_tokenizer(resolve_model_source(str(student))),
+                        AutoModelForCausalLM.from_pretrained(student).float())
     rows = load_prompts(str(prompts), limit=2)
     answers = [tokenizer(p.reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in rows]
     batch = pack([encode_prompt(tokenizer, p)[0].tolist() for p in rows], answers, tokenizer.eos_token_id)
@@ -227,8 +228,8 @@ def test_every_shipped_recipe_runs_on_tiny_models(setup, recipe, tmp_path):
     root, teacher, student, _, prompts = setup
     cfg = load_config(OPDConfig, recipe)
     assert cfg.out_dir.startswith("runs/opd/") and "# " in recipe.read_text().splitlines()[0]
-    overrides = [f"student={student}", f"prompts={prompts}", "max_new_tokens=4", "batch_size=2", "steps=1", "adaptive_validation=2",
-                 f"out_dir={tmp_path}", "device=cpu"]
+    overrides = [f"student={student}", f"prompts={prompts}", "max_new_tokens=4", "batch_size=2", "steps=1",
+                 "adaptive_validation=2", f"out_dir={tmp_path}", "device=cpu"]
     if cfg.teacher not in ("self", "none") and not cfg.teachers:
         overrides.append(f"teacher={teacher}")
     if cfg.teachers:

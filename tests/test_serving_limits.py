@@ -276,7 +276,8 @@ def test_a_full_queue_answers_503_with_retry_after(long_engine):
     try:
         for _ in range(2):  # one decoding, one waiting for the engine: the queue is full
             sock = socket.create_connection(("127.0.0.1", served.port), timeout=10)
-            sock.sendall(request_bytes(json.dumps({"prompt": PROMPT, "max_tokens": 900_000, "temperature": 0}).encode()))
+            sock.sendall(request_bytes(
+                json.dumps({"prompt": PROMPT, "max_tokens": 900_000, "temperature": 0}).encode()))
             hogs.append(sock)
         assert wait_for(lambda: served.server.pending._value == 0)
         status, reply, headers = post(served.url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
@@ -357,8 +358,8 @@ def test_weight_control_takes_only_finite_full_weights_of_the_served_shapes(smal
     unknown = {**full_weights(engine), "model.layers.9.mlp.up_proj.weight": torch.zeros(2)}
     for label, weights in [("nan", nan), ("inf", inf), ("partial", partial), ("shape", wrong_shape),
                            ("int", integer), ("unknown", unknown)]:
-        status, reply, _ = post(small.url + "/control/weights", {"path": save(tmp_path, f"{label}.safetensors", weights),
-                                                                  "version": label})
+        status, reply, _ = post(small.url + "/control/weights",
+                                {"path": save(tmp_path, f"{label}.safetensors", weights), "version": label})
         assert status == 400 and engine.draft_weight_version() == version, (label, reply)
     (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header....")
     status, reply, _ = post(small.url + "/control/weights", {"path": str(tmp_path / "garbage.safetensors")})

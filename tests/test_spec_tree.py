@@ -224,7 +224,8 @@ def test_a_tree_keeps_more_tokens_per_forward_than_a_chain_on_a_trained_head(eag
     target forward than the chain."""
     target, heads, _ = eagle3_setup
     _, chain = speculative_generate(target, heads["trained"], PROMPT, 60, gamma=3)
-    _, tree = speculative_generate(target, heads["trained"], PROMPT, 60, tree=TreeConfig(depth=3, top_k=4, max_nodes=30))
+    _, tree = speculative_generate(target, heads["trained"], PROMPT, 60,
+                                   tree=TreeConfig(depth=3, top_k=4, max_nodes=30))
     assert tree.tau > chain.tau
 
 

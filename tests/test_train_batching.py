@@ -25,11 +25,12 @@ def test_packed_response_logits_equal_unpadded_forwards():
             assert batch.targets[row, : len(r)].tolist() == r
 
 
-def test_gradient_accumulation_equals_one_big_batch(setup, tmp_path):
+def test_gradient_accumulation_equals_one_big_batch(setup, tmp_path):  # noqa: F811  (the imported fixture)
     """2 micro-batches of 2 and 1 batch of 4 over the same prompts take the same step: the loss is
     normalised by the step's total token count, not per micro-batch (answers differ in length)."""
     prompts = tmp_path / "uneven.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 2}", "answer": " ".join(f"w{j}" for j in range(1 + 3 * i))})
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 2}",
+                                           "answer": " ".join(f"w{j}" for j in range(1 + 3 * i))})
                                + "\n" for i in range(4)))
     common = dict(prompts=str(prompts), mix_dataset=1.0, mix_drafter=0.0, divergence="fkl", steps=1,
                   eval_every=100, save_every=1, warmup_steps=1, max_grad_norm=1e9)

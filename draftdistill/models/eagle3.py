@@ -141,7 +141,8 @@ class Eagle3Cache:
 class Eagle3Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                    config.head_dim)
         width = 2 * config.hidden_size  # q/k/v read [normed embedding, normed hidden]
         self.q_proj = nn.Linear(width, self.heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=False)
@@ -204,7 +205,8 @@ class Eagle3Attention(nn.Module):
         nodes, then these) marked in tree_visible [T, tree entries after appending these]."""
         if cache is None or cache.length == 0:
             raise ValueError("tree steps need a cache whose prefix holds the position the tree hangs off")
-        cache.tree = (k, v) if cache.tree is None else (torch.cat([cache.tree[0], k], 2), torch.cat([cache.tree[1], v], 2))
+        cache.tree = (k, v) if cache.tree is None else (torch.cat([cache.tree[0], k], 2),
+                                                        torch.cat([cache.tree[1], v], 2))
         keys, values = torch.cat([cache.k, cache.tree[0]], 2), torch.cat([cache.v, cache.tree[1]], 2)
         assert tree_visible.shape == (q.shape[2], cache.tree[0].shape[2]), "one row per node, one column per tree entry"
         mask = torch.cat([tree_visible.new_ones(q.shape[2], cache.length), tree_visible], dim=1)
@@ -341,7 +343,8 @@ def load_eagle3_head(directory: str | Path, target) -> Eagle3Head:
     directory = Path(directory)
     config = LlamaConfig.from_pretrained(directory)
     if not getattr(config, "eagle_config", None):  # SGLang's default capture when none is given
-        config.eagle_config = {"eagle_aux_hidden_state_layer_ids": default_aux_layer_ids(target.config.num_hidden_layers)}
+        config.eagle_config = {
+            "eagle_aux_hidden_state_layer_ids": default_aux_layer_ids(target.config.num_hidden_layers)}
     config.target_hidden_size = getattr(config, "target_hidden_size", None) or config.hidden_size
     if config.vocab_size != target.config.vocab_size or config.target_hidden_size != target.config.hidden_size:
         raise ValueError(f"{directory}: head for vocab {config.vocab_size} / hidden {config.target_hidden_size}, "

@@ -4,7 +4,8 @@
     train_opd(load_config(OPDConfig, "configs/opd/tinker-opd.yaml", ["steps=10"]))
 
 Modules: config (OPDConfig), rollout (Sampler / Scorer interfaces and their in-process forms),
-server (the SGLang-server forms: a teacher pool, student rollouts), guard (template / EOS / special-token checks), objectives (the per-token losses, by name),
+server (the SGLang-server forms: a teacher pool, student rollouts), guard (template / EOS / special-token
+checks), objectives (the per-token losses, by name),
 token_losses (primitives they need beyond draftdistill.losses), teachers (routing, privileged
 context, EMA), rewards (verifiers), trainer (the loop).
 """

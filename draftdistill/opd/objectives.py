@@ -79,7 +79,8 @@ def opd(clip: float | None = 0.2, max_weight: float | None = None, reward_scale:
         token = micro.teacher.token
         if reward_scale != 1.0:
             if micro.ref_logprobs is None:
-                raise ValueError("opd with reward_scale != 1 (G-OPD) needs a reference model (reference=student or a path)")
+                raise ValueError("opd with reward_scale != 1 (G-OPD) needs a reference model "
+                                 "(reference=student or a path)")
             eff = reward_scale * token.logprobs + (1 - reward_scale) * micro.ref_logprobs
             token = TeacherTokenLogProbs(token.token_ids, eff)
         params = {}

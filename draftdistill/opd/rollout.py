@@ -189,7 +189,8 @@ def merge_scores(parts: list[tuple[list[int], TeacherScores]], rows: int, width:
 
 def scores_from_lists(token: list[list[float]], top: list[list], responses: list[list[int]],
                       device="cpu") -> TeacherScores:
-    """Pad per-sequence server scores (top: per row, per position (ids, log-probs)) into a TeacherScores aligned with pack(prompts, responses)."""
+    """Pad per-sequence server scores (top: per row, per position (ids, log-probs)) into a TeacherScores
+    aligned with pack(prompts, responses)."""
     width = max(1, max(len(r) for r in responses))
     ids = torch.zeros((len(responses), width), dtype=torch.long)
     lp = torch.zeros((len(responses), width))

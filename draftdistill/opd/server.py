@@ -136,7 +136,8 @@ class SGLangSampler:
             named = {name: t for name, t in weights.items()
                      if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
             for server in range(len(self.pool.clients)):
-                self.pool.call(server - self.pool.start, lambda c: c.push_weights(named, str(version), selector="target"),
+                self.pool.call(server - self.pool.start,
+                               lambda c: c.push_weights(named, str(version), selector="target"),
                                failover=False)
         distributed.barrier()
         self.version = str(version)

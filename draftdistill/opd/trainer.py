@@ -73,7 +73,8 @@ def is_built_student(spec: str) -> bool:
 
 def load_models(cfg: OPDConfig, probes: list, device: str) -> SimpleNamespace:
     """Guard every student/teacher pair on tokenizers and configs, then load the weights."""
-    specs = dict(cfg.teachers) if cfg.teachers else ({} if cfg.teacher in ("self", "none") else {"teacher": cfg.teacher})
+    specs = dict(cfg.teachers) if cfg.teachers else (
+        {} if cfg.teacher in ("self", "none") else {"teacher": cfg.teacher})
     built = is_built_student(cfg.student)
     if built and len(specs) != 1:
         raise ValueError(f"student {cfg.student!r} is built from one teacher; give a model path instead")

@@ -68,8 +68,10 @@ def tree_speculative_generate(
         scored_from = target_cache.get_seq_length()
         prefix_hidden = None
         if len(seq) - scored_from > 1:
-            prefix_hidden = forward(target, target_cache, seq[scored_from:-1], device, 1, drafting.target_hidden_indices)[1]
-        root_sees = torch.cat([torch.ones(1, len(seq), dtype=torch.bool), torch.zeros(1, len(nodes), dtype=torch.bool)], 1)
+            prefix_hidden = forward(target, target_cache, seq[scored_from:-1], device, 1,
+                                    drafting.target_hidden_indices)[1]
+        root_sees = torch.cat([torch.ones(1, len(seq), dtype=torch.bool),
+                               torch.zeros(1, len(nodes), dtype=torch.bool)], 1)
         visible = torch.cat([root_sees, visibility_rows(draft, [], nodes, len(seq))])  # the root is seq[-1]
         positions = [len(seq) - 1 + draft.depths[n] for n in [0] + nodes]
         logits, hidden = forward_masked(target, target_cache, [seq[-1]] + [draft.tokens[n] for n in nodes], positions,

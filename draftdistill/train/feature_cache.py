@@ -60,7 +60,8 @@ class FeatureCache:
             return None
         try:
             stored = load_file(path)
-            if stored["ids"].tolist() != ids or stored["aux"].shape[0] != len(ids) or stored["final"].shape[0] != len(ids):
+            if stored["ids"].tolist() != ids or stored["aux"].shape[0] != len(ids) \
+                    or stored["final"].shape[0] != len(ids):
                 raise ValueError("holds another context")
         except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as error:
             warnings.warn(f"feature cache file {path} is unreadable ({error}); computing it again")

@@ -134,7 +134,8 @@ def sample_chain_tokens(logits: torch.Tensor, anchors: torch.Tensor, vocab, temp
         rows = logits[row, anchors[row]].detach().float().cpu()
         if len(rows) == 0:
             continue
-        q = torch.softmax(rows / temperature, -1) if temperature > 0 else F.one_hot(rows.argmax(-1), rows.shape[-1]).float()
+        q = (torch.softmax(rows / temperature, -1) if temperature > 0
+             else F.one_hot(rows.argmax(-1), rows.shape[-1]).float())
         drafted[row, anchors[row].cpu()] = torch.multinomial(q, 1, generator=generators[row]).flatten()
     return vocab.draft_to_target(drafted.to(logits.device))
 

@@ -164,7 +164,8 @@ def sglang_server(tmp_path_factory):
     try:
         yield server
     finally:
-        subprocess.run(["bash", str(scripts / "stop.sh"), str(run_dir / "server.pid")], capture_output=True, timeout=120)
+        subprocess.run(["bash", str(scripts / "stop.sh"), str(run_dir / "server.pid")],
+                       capture_output=True, timeout=120)
         if os.environ.get("DRAFTDISTILL_KEEP_SGLANG_RUN") != "1":
             shutil.rmtree(root, ignore_errors=True)
 

@@ -44,7 +44,8 @@ def write_plugin_dist(root: Path) -> Path:
     dist = root / "draftdistill_plugin_test-0.0.dist-info"
     dist.mkdir(exist_ok=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: draftdistill-plugin-test\nVersion: 0.0\n")
-    (dist / "entry_points.txt").write_text("[sglang.srt.plugins]\ndraftdistill = draftdistill_test_plugin_shim:register\n")
+    (dist / "entry_points.txt").write_text("[sglang.srt.plugins]\n"
+                                           "draftdistill = draftdistill_test_plugin_shim:register\n")
     return root
 
 

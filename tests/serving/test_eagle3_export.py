@@ -130,7 +130,8 @@ def test_speculators_export_config_and_vllm_name_mapping(tmp_path, head_and_targ
     assert torch.equal(state["embed_tokens.weight"], target.get_input_embeddings().weight.to(torch.bfloat16))
     # vLLM's renaming (Eagle3LlamaForCausalLM.load_weights, then LlamaModel.load_weights) must land
     # every tensor on a parameter of its model; these are that model's parameters.
-    vllm_params = {"model.embed_tokens.weight", "model.fc.weight", "model.norm.weight", "lm_head.weight", "draft_id_to_target_id",
+    vllm_params = {"model.embed_tokens.weight", "model.fc.weight", "model.norm.weight", "lm_head.weight",
+                   "draft_id_to_target_id",
                    "model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.self_attn.o_proj.weight",
                    "model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.mlp.down_proj.weight",
                    "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
@@ -205,7 +206,7 @@ print(json.dumps({
     "aux_ids": config.eagle_config["eagle_aux_hidden_state_layer_ids"],
     "load_lm_head_from_target": model.load_lm_head_from_target,
 }))
-"""
+"""  # noqa: E501  (the script's text is kept as it is)
 
 
 def free_port() -> int:
@@ -222,7 +223,8 @@ def test_sglang_loads_the_export_with_its_own_loader(tmp_path, head_and_target):
         pytest.skip(reason)
     head, _ = head_and_target
     out = export_sglang_eagle3(tmp_path / "eagle3", head)
-    result = run_in_venv(python, SGLANG_LOAD, timeout=300, env={"EAGLE3_DIR": str(out), "MASTER_PORT": str(free_port())})
+    result = run_in_venv(python, SGLANG_LOAD, timeout=300,
+                         env={"EAGLE3_DIR": str(out), "MASTER_PORT": str(free_port())})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["arch"] == "LlamaForCausalLMEagle3" and report["class"] == "LlamaForCausalLMEagle3"

@@ -159,7 +159,8 @@ def test_server_rollouts_under_torchrun_keep_the_server_on_policy(sglang_server,
     path = tmp_path / "torchrun.yaml"
     path.write_text(yaml.safe_dump(asdict(cfg)))
     root = Path(__file__).parents[2]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     try:
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                                "-m", "draftdistill.cli", "opd", str(path), "--quiet"],

@@ -196,7 +196,7 @@ def test_real_load_plugins_and_hooked_verify(venv_python, in_venv, tmp_path):
     import sys
     sys.modules["draftdistill_test_plugin"].get_emitter().close()
     print("OK")
-    '''
+    '''  # noqa: E501  (the script's text is kept as it is)
     proc = in_venv(venv_python, code, env={"PYTHONPATH": str(dist), "DRAFTDISTILL_SPEC_EVENTS": str(events)})
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
     loaded, a, b = read_events(events, 3)

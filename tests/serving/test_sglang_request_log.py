@@ -24,8 +24,9 @@ def event(kind, rid, input_ids=(1, 2, 3), output_ids=(4, 5, 6, 7), text=None, sp
     e = {"timestamp": "2026-11-23T05:30:49.608224", "event": kind, "rid": rid, "obj": obj}
     if kind == "request.finished":
         mi = {"id": rid, "finish_reason": {"type": "length", "length": len(output_ids)},
-              "prompt_tokens": prompt_tokens or len(input_ids or []), "weight_version": "v2", "completion_tokens": len(output_ids),
-              "cached_tokens": 0, "weight_versions": versions or [{"version": "v2", "start": 0, "end": len(output_ids)}],
+              "prompt_tokens": prompt_tokens or len(input_ids or []), "weight_version": "v2",
+              "completion_tokens": len(output_ids), "cached_tokens": 0,
+              "weight_versions": versions or [{"version": "v2", "start": 0, "end": len(output_ids)}],
               "e2e_latency": 0.2, "request_finished_ts": finished_ts}
         if spec:  # tau = completion_tokens / spec_verify_ct = 4 / 2
             mi.update(spec_accept_rate=2 / 6, spec_accept_length=2.0, spec_num_correct_drafts=2,
