@@ -16,8 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
-from tiny import make_llama, make_tokenizer
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from tiny import eagle3_target, make_llama, make_tokenizer
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from draftdistill.cli import main
 from draftdistill.export import export_hf, export_sglang_eagle3, export_speculators_eagle3
@@ -46,11 +46,7 @@ def refused(*args, match: str):
 
 
 def target_llama(seed=0):
-    config = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return eagle3_target(V, H, LAYERS, seed)
 
 
 def jitter(module, seed):

@@ -53,3 +53,14 @@ def kill_at_optimizer_step(monkeypatch, run, n: int = 3) -> None:
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(torch.optim.AdamW, "step", original)
+
+
+def eagle3_target(vocab_size=48, hidden=32, layers=6, seed=0):
+    """A tiny untied Llama target deep enough for an EAGLE-3 head's low/mid/high aux layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
